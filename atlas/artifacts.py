@@ -1,0 +1,99 @@
+"""Helpers every stage uses to write its artifact: atomic files, fingerprints, provenance.
+
+A stage's artifact carries the fingerprint of everything that made it (its own config and the
+fingerprint of its input artifact). A stage is skipped when the artifact on disk carries the
+fingerprint it would write now; anything else is redone, and because fingerprints chain from
+stage to stage, nothing downstream of a changed stage is ever reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from . import __version__
+
+
+def to_jsonable(value: Any) -> Any:
+    """Turns dataclasses, paths, tuples and numpy scalars into plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return value.item()
+    return value
+
+
+def fingerprint(*parts: Any) -> str:
+    """Returns a short stable hash of JSON-able parts (dict key order does not matter)."""
+    text = json.dumps([to_jsonable(p) for p in parts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds.
+
+    A crash or exception leaves the old file (if any) untouched and no half-written file under
+    the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
+
+
+def write_provenance(h5: h5py.File | h5py.Group, *, stage: str, fingerprint_: str,
+                     config: Any, inputs: str | None = None, **extra: Any) -> None:
+    """Stores who made this artifact: stage, fingerprint, input fingerprint, config, version."""
+    h5.attrs["stage"] = stage
+    h5.attrs["fingerprint"] = fingerprint_
+    h5.attrs["inputs"] = inputs or ""
+    h5.attrs["config"] = json.dumps(to_jsonable(config), sort_keys=True)
+    h5.attrs["atlas_version"] = __version__
+    for key, value in extra.items():
+        h5.attrs[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(
+            to_jsonable(value), sort_keys=True)
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """Returns the fingerprint a complete artifact carries, or None if absent or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as h5:
+            if not bool(h5.attrs.get("complete", True)):
+                return None
+            value = h5.attrs.get("fingerprint")
+            return str(value) if value is not None else None
+    except OSError:
+        return None
+
+
+def is_up_to_date(path: str | Path, expected: str) -> bool:
+    """True when the artifact at `path` is complete and carries the `expected` fingerprint."""
+    return read_fingerprint(path) == expected
