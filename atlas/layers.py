@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import AtlasError
+from .tangents import TangentGraph
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -77,6 +78,15 @@ def _compact(module: fx.GraphModule) -> fx.GraphModule:
     return module
 
 
+def _disable_inplace(model: nn.Module) -> None:
+    """Turns off in-place activations (same results): a layer's output must not be overwritten
+    by the next module, since it is returned as the layer's activations and reused as the primal
+    point of attribution."""
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+
+
 class _LeafTracer(fx.Tracer):
     """Traces through containers but keeps the requested layers as single call_module nodes."""
 
@@ -113,11 +123,15 @@ class LayerTap:
         self.model = model
         self.layers = tuple(layers)
         check_layers(model, self.layers)
+        _disable_inplace(model)
         try:
             graph = _LeafTracer(set(self.layers)).trace(model)
         except Exception as exc:  # fx raises many types for untraceable Python control flow
             raise AtlasError(f"the model cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
                              "atlas needs a traceable forward to split the network at a layer") from None
+        for node in graph.nodes:  # functional calls too: F.relu(x, inplace=True)
+            if node.kwargs.get("inplace"):
+                node.kwargs = {**node.kwargs, "inplace": False}
         self._nodes = list(graph.nodes)
         self._pos = {node: i for i, node in enumerate(self._nodes)}
         self._layer_node = {}
@@ -139,6 +153,7 @@ class LayerTap:
         self.front = self._front_module(with_saved=False)
         self.front_saved = self._front_module(with_saved=True)
         self.rest = {layer: self._rest_module(layer) for layer in self.layers}
+        self._tangent_graphs: dict[str, TangentGraph] = {}
 
     def _inputs_after(self, cut: fx.Node) -> list[fx.Node]:
         pos = self._pos[cut]
@@ -202,8 +217,9 @@ class LayerTap:
     def attribute(self, layer: str, tap: TapOutput, yx: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Attribution of sampled positions to every class: h_p · ∂logit_c/∂h_p.
 
-        One forward-mode pass per position with the tangent equal to h masked to that position;
-        the positions of all images run as one batch of tangents over a shared primal pass.
+        One forward-mode derivative per position with the tangent equal to h masked to that
+        position; the positions of all images run as one batch of tangents over a shared primal
+        point, through `TangentGraph` where the graph's layers allow, else through vmap(jvp).
 
         Args:
             layer: one of `self.layers`.
@@ -214,23 +230,46 @@ class LayerTap:
         Returns:
             (B, k, n_classes) float32.
         """
-        h = tap.acts[layer]
+        h = tap.acts[layer].detach()
         b, k = yx.shape[:2]
         index = {node: i for i, node in enumerate(self._saved)}
         saved = [tap.saved[index[n]] for n in self._rest_inputs[layer]]
-        rest = self.rest[layer]
-
-        def logits_of(h_: torch.Tensor) -> torch.Tensor:
-            return rest(h_, *saved)
-
-        def tangent_out(t: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(logits_of, (h,), (t,))[1]
-
-        mask = torch.zeros((k, *h.shape), dtype=h.dtype, device=h.device)
-        batch = torch.arange(b, device=h.device)
-        for j in range(k):
-            mask[j, batch, :, yx[:, j, 0], yx[:, j, 1]] = 1.0
-        tangents = mask * h.detach()
+        if layer not in self._tangent_graphs:
+            self._tangent_graphs[layer] = TangentGraph(self.rest[layer])
+        engine = self._tangent_graphs[layer]
         per_pass = max(1, chunk // max(b, 1))
-        out = torch.func.vmap(tangent_out, chunk_size=per_pass)(tangents)  # (k, B, n_classes)
-        return out.permute(1, 0, 2).float()
+        if engine.supported:
+            outs = []
+            with torch.no_grad():
+                for j in range(0, k, per_pass):
+                    part = yx[:, j:j + per_pass]
+                    tangents = _position_tangents(h, part).flatten(0, 1)  # (k'·B, C, H, W)
+                    outs.append(engine([h, *saved], tangents, part.shape[1]).view(part.shape[1], b, -1))
+            out = torch.cat(outs)
+        else:  # the general route: slower, but any differentiable graph
+            rest = self.rest[layer]
+
+            def tangent_out(t: torch.Tensor) -> torch.Tensor:
+                return torch.func.jvp(lambda h_: rest(h_, *saved), (h,), (t,))[1]
+
+            out = torch.func.vmap(tangent_out, chunk_size=per_pass)(_position_tangents(h, yx))
+        return out.permute(1, 0, 2).float()  # (k, B, n) -> (B, k, n)
+
+
+def _position_tangents(h: torch.Tensor, yx: torch.Tensor) -> torch.Tensor:
+    """Tangents (k, B, C, H, W): tangent [j, b] is h[b] at position yx[b, j] and zero elsewhere.
+
+    Laid out channels-last within each (B, C, H, W) slice when h is, because convolutions over
+    the tangents run several times faster on the CPU in that layout.
+    """
+    b, c, height, width = h.shape
+    k = yx.shape[1]
+    if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last):
+        tangents = torch.zeros((k, b, height, width, c), dtype=h.dtype, device=h.device).permute(0, 1, 4, 2, 3)
+    else:
+        tangents = torch.zeros((k, b, c, height, width), dtype=h.dtype, device=h.device)
+    batch = torch.arange(b, device=h.device)
+    for j in range(k):
+        ys, xs = yx[:, j, 0], yx[:, j, 1]
+        tangents[j, batch, :, ys, xs] = h[batch, :, ys, xs]
+    return tangents

@@ -87,10 +87,14 @@ def test_front_stops_at_deepest_layer_and_rest_gives_the_logits(net):
         torch.testing.assert_close(out.acts[name], reference[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layer", ["blocks.1", "blocks.0.conv", "stem"])
-def test_attribution_equals_reverse_mode_reference(net, layer):
-    tap = LayerTap(net, [layer])
+@pytest.mark.parametrize("layer, channels_last", [("blocks.1", False), ("blocks.0.conv", False),
+                                                  ("stem", False), ("blocks.1", True)])
+def test_attribution_equals_reverse_mode_reference(net, layer, channels_last):
     x = torch.randn(3, 3, 16, 16)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    tap = LayerTap(net, [layer])
     out = tap.run(x, logits=True)
     yx = torch.tensor([[[2, 3], [4, 4]], [[1, 1], [6, 5]], [[7, 7], [0, 0]]])
     attr = tap.attribute(layer, out, yx, chunk=2)  # chunk smaller than the batch: several passes
@@ -124,3 +128,13 @@ def test_attribution_over_all_positions_sums_like_the_full_tangent(net):
     h = out.acts["blocks.2"]
     _, full = torch.func.jvp(lambda h_: tap.rest["blocks.2"](h_, *out.saved), (h,), (h,))
     torch.testing.assert_close(attr.sum(1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_in_place_activation_after_a_layer_does_not_overwrite_it():
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).eval()  # ReLU(inplace=True) after bn1
+    tap = LayerTap(model, ["layer1.0.bn1"])
+    with torch.no_grad():
+        acts = tap.run(torch.randn(1, 3, 64, 64), logits=True).acts["layer1.0.bn1"]
+    assert acts.min() < 0  # still the BatchNorm output, not its ReLU
