@@ -1,0 +1,7 @@
+"""`python -m atlas` is the `atlas` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""Tiny hand-set models and generated images for fast tests (importable as `tiny:make`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+SIZE = 8  # input side of the tiny model, pixels
+
+
+class TinyNet(nn.Module):
+    """`features` copies the input (identity 1x1 conv), so its activations are the pixels."""
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        self.features = nn.Conv2d(3, 3, 1, bias=False)
+        self.act = nn.ReLU()
+        self.deep = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, classes)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+
+    def forward(self, x):
+        x = self.act(self.features(x))
+        x = self.act(self.deep(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def make() -> nn.Module:
+    """The factory the configs name as `tiny:make` (seeded: same weights every time)."""
+    generator = torch.Generator().manual_seed(0)
+    model = TinyNet()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("features"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return model
+
+
+def pattern(index: int) -> np.ndarray:
+    """The (SIZE, SIZE, 3) uint8 image number `index`: R = 16 x, G = 16 y, B = index."""
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE]
+    return np.stack([xs * 16, ys * 16, np.full_like(xs, index % 256)], axis=-1).astype(np.uint8)
+
+
+def write_images(root: Path, n: int, classes: tuple[str, ...] = ("n01440764", "n01443537")) -> list[Path]:
+    """Writes n lossless pattern PNGs into ImageFolder subfolders named by wnid."""
+    paths = []
+    for i in range(n):
+        folder = root / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(pattern(i)).save(path)
+        paths.append(path)
+    return paths
+
+
+def config_text(run_dir: Path, images: Path, **collect) -> str:
+    """A config for the tiny model over generated images."""
+    table = {"samples_per_image": 3, "border": 1, "batch_size": 4, "workers": 0, "dtype": "float32"}
+    table.update(collect)
+    lines = [f'run_dir = "{run_dir}"', f'images = "{images}"', 'model = "tiny:make"',
+             'layers = ["features", "deep"]', 'weights = "none"',
+             "[preprocess]", f"size = {SIZE}", f"resize = {SIZE}", "mean = [0.0, 0.0, 0.0]",
+             "std = [1.0, 1.0, 1.0]", "[collect]"]
+    for key, value in table.items():
+        lines.append(f"{key} = " + (f'"{value}"' if isinstance(value, str) else str(value).lower()))
+    return "\n".join(lines) + "\n"
