@@ -30,6 +30,7 @@ from .corpus import ImageRecord, find_images, iter_batches
 from .errors import AtlasError
 from .layers import LayerTap, layer_shapes
 from .models import LoadedModel, load_model
+from .runtime import keep_freed_memory
 
 ACTIVATIONS = "activations.h5"
 PARTS = ".collect-parts"
@@ -139,7 +140,7 @@ def collect_fingerprint(config: Config, model: LoadedModel, records: Sequence[Im
         except OSError:
             images.append((r.relpath, -1, -1))
     return fingerprint("collect", config.model, config.weights, model.preprocess, config.layers,
-                       c.samples_per_image, c.border, c.batch_size, c.attribution, c.predict, c.dtype,
+                       c.samples_per_image, c.border, c.batch_size, c.attribution, c.attribution_batch, c.predict, c.dtype,
                        c.seed, c.max_images, c.max_image_pixels, images)
 
 
@@ -166,6 +167,8 @@ class CollectSummary:
     images_per_s: float
     file_size: int
     resumed_from: int
+    loop_seconds: float = 0.0  # decoding + model + sampling + writing parts
+    assemble_seconds: float = 0.0  # streaming the parts into activations.h5
 
 
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print,
@@ -184,6 +187,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     out_path = run_dir / ACTIVATIONS
     if c.threads:
         torch.set_num_threads(c.threads)
+    keep_freed_memory()
     device = pick_device(c.device)
 
     model = load_model(config.model, config.weights, config.preprocess)
@@ -241,9 +245,12 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     loop_seconds = time.perf_counter() - t_loop
 
     parts = _finished_parts(parts_dir, part_size, len(records))
+    t_assemble = time.perf_counter()
     summary = _assemble(out_path, parts, records, config, model, shapes, fp, log)
     shutil.rmtree(parts_dir, ignore_errors=True)
     summary.seconds = time.perf_counter() - t_start
+    summary.loop_seconds = loop_seconds
+    summary.assemble_seconds = time.perf_counter() - t_assemble
     summary.resumed_from = resume
     summary.images_per_s = (len(records) - resume) / loop_seconds if loop_seconds > 0 else 0.0
     _log_summary(summary, out_path, log)
@@ -283,7 +290,7 @@ def _collect_batch(tap: LayerTap, indices: np.ndarray, pixels: torch.Tensor, par
         data["yx"].append(yx_np.reshape(-1, 2).astype(np.int16))
         if c.attribution:
             with torch.enable_grad():
-                attr = tap.attribute(layer, out, yx)
+                attr = tap.attribute(layer, out, yx, chunk=c.attribution_batch)
             data["attr"].append(attr.reshape(-1, attr.shape[-1]).cpu().numpy().astype(np.float16))
 
 

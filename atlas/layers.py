@@ -241,10 +241,11 @@ class LayerTap:
         if engine.supported:
             outs = []
             with torch.no_grad():
+                linear = engine.linearize([h, *saved])
                 for j in range(0, k, per_pass):
                     part = yx[:, j:j + per_pass]
                     tangents = _position_tangents(h, part).flatten(0, 1)  # (k'·B, C, H, W)
-                    outs.append(engine([h, *saved], tangents, part.shape[1]).view(part.shape[1], b, -1))
+                    outs.append(linear.push(tangents, part.shape[1]).view(part.shape[1], b, -1))
             out = torch.cat(outs)
         else:  # the general route: slower, but any differentiable graph
             rest = self.rest[layer]

@@ -93,31 +93,22 @@ class TangentGraph:
             tangents: (k·B, *h.shape[1:]).
             k: tangents per image.
         """
+        return self.linearize(inputs).push(tangents, k)
+
+    def linearize(self, inputs: Sequence[Any]) -> "Linearized":
+        """Runs the primal pass once; the result pushes any number of tangent batches."""
         if not self.supported:
             raise ValueError(f"no tangent rule for {[n.format_node() for n in self.unsupported]}")
         primal: dict[fx.Node, Any] = {}
-        tangent: dict[fx.Node, torch.Tensor | None] = {}
         inputs = list(inputs)
         for node in self.module.graph.nodes:
             if node.op == "placeholder":
-                is_h = not primal  # the first input is the layer, the one that carries tangents
                 primal[node] = inputs.pop(0)
-                tangent[node] = tangents if is_h else None
-                continue
-            if node.op == "output":
-                out = node.args[0]
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                t = tangent.get(out)
-                return t if t is not None else primal[out].new_zeros(k * primal[out].shape[0], *primal[out].shape[1:])
-            args = fx.map_arg(node.args, lambda n: primal[n])
-            kwargs = fx.map_arg(node.kwargs, lambda n: primal[n])
-            targs = [tangent.get(n) for n in node.all_input_nodes]
-            if any(t is not None for t in targs):
-                tangent[node] = self._tangent(node, args, kwargs, primal, tangent, k)
-            else:
-                tangent[node] = None
-            primal[node] = self._primal(node, args, kwargs)
-        raise RuntimeError("graph has no output")
+            elif node.op != "output":
+                args = fx.map_arg(node.args, lambda n: primal[n])
+                kwargs = fx.map_arg(node.kwargs, lambda n: primal[n])
+                primal[node] = self._primal(node, args, kwargs)
+        return Linearized(self, primal)
 
     def _primal(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op == "get_attr":
@@ -132,8 +123,16 @@ class TangentGraph:
         return getattr(args[0], node.target)(*args[1:], **kwargs)
 
     def _tangent(self, node: fx.Node, args: tuple, kwargs: dict, primal: dict, tangent: dict,
-                 k: int) -> torch.Tensor | None:
-        """The derivative rule of one node, given the tangents of its inputs."""
+                 k: int, cache: dict) -> torch.Tensor | None:
+        """The derivative rule of one node, given the tangents of its inputs.
+
+        `cache` keeps what depends on the primal only (derivatives, argmax indices) per node.
+        """
+        def derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            if node not in cache:
+                cache[node] = _derivative(fn, x)
+            return cache[node]
+
         def t_of(arg: Any) -> torch.Tensor | None:
             return tangent.get(arg) if isinstance(arg, fx.Node) else None
 
@@ -153,14 +152,14 @@ class TangentGraph:
             if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
                 return F.pad(t0, m.padding, value=0.0)
             if isinstance(m, nn.MaxPool2d):
-                return self._max_pool(t0, args[0], k, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+                return _max_pool(t0, args[0], k, cache, node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
             if isinstance(m, _LINEAR_MODULES):
                 return m(t0)
-            return _per_image(t0, _derivative(m, args[0]), k)
+            return _per_image(t0, derivative(m, args[0]), k)
         if node.op == "call_method":
             if node.target in _LINEAR_METHODS:
                 return getattr(t0, node.target)(*args[1:], **kwargs)
-            return _per_image(t0, _derivative(lambda x: getattr(x, node.target)(), args[0]), k)
+            return _per_image(t0, derivative(lambda x: getattr(x, node.target)(), args[0]), k)
         target = node.target
         if target in (getattr, operator.getitem) and t0 is not None:
             if target is getattr:
@@ -214,23 +213,56 @@ class TangentGraph:
             padding = args[3] if len(args) > 3 else kwargs.get("padding", 0)
             dilation = args[4] if len(args) > 4 else kwargs.get("dilation", 1)
             ceil = args[5] if len(args) > 5 else kwargs.get("ceil_mode", False)
-            return self._max_pool(t0, args[0], k, kernel, stride, padding, dilation, ceil)
+            return _max_pool(t0, args[0], k, cache, node, kernel, stride, padding, dilation, ceil)
         if target in _LINEAR_FUNCTIONS:
             return target(t0, *args[1:], **kwargs)
         if target in _ELEMENTWISE_FUNCTIONS:
-            return _per_image(t0, _derivative(lambda x: target(x, *args[1:], **kwargs), args[0]), k)
+            return _per_image(t0, derivative(lambda x: target(x, *args[1:], **kwargs), args[0]), k)
         raise ValueError(f"no tangent rule for {node.format_node()}")
 
-    @staticmethod
-    def _max_pool(t: torch.Tensor, x: torch.Tensor, k: int, kernel, stride, padding, dilation,
-                  ceil_mode) -> torch.Tensor:
-        """Max pooling passes on the tangent at each window's argmax in the primal."""
+
+
+class Linearized:
+    """A graph at one primal point: pushes batches of tangents through its derivative."""
+
+    def __init__(self, graph: TangentGraph, primal: dict[fx.Node, Any]):
+        self.graph = graph
+        self.primal = primal
+        self.cache: dict[fx.Node, Any] = {}
+
+    def push(self, tangents: torch.Tensor, k: int) -> torch.Tensor:
+        """Returns the output's tangents (k·B, ...) for tangents (k·B, ...) of the first input."""
+        primal = self.primal
+        tangent: dict[fx.Node, torch.Tensor | None] = {}
+        for node in self.graph.module.graph.nodes:
+            if node.op == "placeholder":
+                tangent[node] = tangents if not tangent else None  # the first input carries them
+            elif node.op == "output":
+                out = node.args[0]
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                t = tangent.get(out)
+                p = primal[out]
+                return t if t is not None else p.new_zeros(k * p.shape[0], *p.shape[1:])
+            elif any(tangent.get(n) is not None for n in node.all_input_nodes):
+                args = fx.map_arg(node.args, lambda n: primal[n])
+                kwargs = fx.map_arg(node.kwargs, lambda n: primal[n])
+                tangent[node] = self.graph._tangent(node, args, kwargs, primal, tangent, k, self.cache)
+            else:
+                tangent[node] = None
+        raise RuntimeError("graph has no output")
+
+
+def _max_pool(t: torch.Tensor, x: torch.Tensor, k: int, cache: dict, node: fx.Node, kernel, stride,
+              padding, dilation, ceil_mode) -> torch.Tensor:
+    """Max pooling passes on the tangent at each window's argmax in the primal."""
+    if node not in cache:
         pooled, index = F.max_pool2d(x, kernel, stride or kernel, padding, dilation, ceil_mode,
                                      return_indices=True)
-        # The indices address each (image, channel)'s flattened unpadded map.
-        flat_t = t.reshape(t.shape[0], t.shape[1], -1)
-        flat_i = index.reshape(index.shape[0], index.shape[1], -1).repeat(k, 1, 1)
-        return flat_t.gather(2, flat_i).view(t.shape[0], *pooled.shape[1:])
+        # Indices address each (image, channel)'s flattened unpadded map.
+        cache[node] = (index.reshape(index.shape[0], index.shape[1], -1), pooled.shape[2:])
+    index, spatial = cache[node]
+    flat_t = t.reshape(t.shape[0], t.shape[1], -1)
+    return flat_t.gather(2, index.repeat(k, 1, 1)).view(t.shape[0], t.shape[1], *spatial)
 
 
 def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
