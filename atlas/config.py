@@ -32,6 +32,7 @@ class CollectConfig:
     batch_size: int = 32  # images per forward pass; also the unit of resume
     workers: int = 1  # image-decoding worker processes; 0 decodes in the main process
     attribution: bool = True  # store each sample's attribution to every class (h . dlogit/dh)
+    attribution_batch: int = 256  # (image, position) tangents pushed through the network at once; more is faster until memory runs out
     predict: bool = True  # run the network to the logits to store each image's top-1 prediction
     dtype: str = "float16"  # storage type of the activations: "float16" or "float32"
     seed: int = 0  # seeds the sampled positions; same seed, same file
@@ -46,6 +47,7 @@ class CollectConfig:
             raise AtlasError(f"collect.samples_per_image must be a positive integer or \"all\", got {spi!r}")
         _check(self.border >= 0, "collect.border must be >= 0")
         _check(self.batch_size >= 1, "collect.batch_size must be >= 1")
+        _check(self.attribution_batch >= 1, "collect.attribution_batch must be >= 1")
         _check(self.workers >= 0, "collect.workers must be >= 0")
         _check(self.dtype in ("float16", "float32"), "collect.dtype must be \"float16\" or \"float32\"")
         _check(self.max_images >= 0, "collect.max_images must be >= 0 (0 = all)")
@@ -73,6 +75,8 @@ class LayoutConfig:
     def validate(self) -> None:
         _check(self.n_neighbors >= 2, "layout.n_neighbors must be >= 2")
         _check(self.min_dist >= 0, "layout.min_dist must be >= 0")
+        metrics = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")
+        _check(self.metric in metrics, f"layout.metric must be one of {', '.join(metrics)}; got {self.metric!r}")
         _check(self.pca_dims >= 0, "layout.pca_dims must be >= 0 (0 = no PCA)")
         _check(self.fit_samples >= 0, "layout.fit_samples must be >= 0 (0 = fit on all samples)")
         _check(0 <= self.clip_percentile < 50, "layout.clip_percentile must be in [0, 50)")
