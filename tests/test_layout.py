@@ -1,0 +1,267 @@
+"""Layout stage: normalisation, UMAP on toy clusters (few, tiny: umap-learn JIT-compiles per process),
+the subsample-and-transform path, degenerate inputs, layout.h5 and skipping."""
+
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+from toy_runs import file_attrs, toy_clusters, toy_config, write_activations
+
+from atlas import layout as layout_mod
+from atlas.config import LayoutConfig
+from atlas.errors import AtlasError
+from atlas.layout import (
+    LAYOUT_NAME,
+    LayerLayout,
+    Layout,
+    check_spread,
+    fit_projection,
+    normalize_layout,
+    reduce_to_2d,
+    run,
+    trustworthiness_of,
+)
+
+
+def neighbour_purity(xy, labels, query, reference):
+    """Fraction of `query` rows whose nearest `reference` row in 2-D has the same label."""
+    d = ((xy[query, None, :] - xy[None, reference, :]) ** 2).sum(-1)
+    return float((labels[reference][d.argmin(1)] == labels[query]).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# normalize_layout and other pure pieces
+
+
+def test_normalize_layout_clips_percentiles_with_margin_then_scales():
+    x = np.array([0.0, 1, 2, 3, 100])
+    xy = np.stack([x, x * -2], 1)
+    # p=25: x range [1, 3], widened by 0.5 * 2 each side -> clip to [0, 4] -> scale by 4
+    out = normalize_layout(xy, clip_percentile=25, margin=0.5)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0], [0, 0.25, 0.5, 0.75, 1])
+    np.testing.assert_allclose(out[:, 1], [1, 0.75, 0.5, 0.25, 0])
+
+
+def test_normalize_layout_without_clipping_is_min_max_and_flat_axes_go_to_the_middle():
+    xy = np.array([[2.0, 5.0], [4.0, 5.0], [3.0, 5.0]])
+    np.testing.assert_allclose(normalize_layout(xy, 0, 0), [[0, 0.5], [1, 0.5], [0.5, 0.5]])
+    one = normalize_layout(np.array([[7.0, -1.0]]))
+    np.testing.assert_allclose(one, [[0.5, 0.5]])
+
+
+def test_normalize_layout_default_keeps_everything_in_the_unit_square():
+    xy = np.random.default_rng(0).standard_cauchy((1000, 2))  # heavy outliers
+    out = normalize_layout(xy)
+    assert out.min() == 0 and out.max() == 1
+    assert (out.min(0) == 0).all() and (out.max(0) == 1).all()
+
+
+def test_fit_projection_keeps_the_top_subspace():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(400, 3)) @ rng.normal(size=(3, 8)) + 0.01 * rng.normal(size=(400, 8))).astype(np.float32)
+    for center in (False, True):
+        p = fit_projection(x, 3, center=center)
+        assert p.components.shape == (8, 3) and p.kept > 0.999
+        np.testing.assert_allclose(p.components.T @ p.components, np.eye(3), atol=1e-5)
+        ref = x - x.mean(0) if center else x
+        _, _, vt = np.linalg.svd(ref.astype(np.float64), full_matrices=False)
+        # same subspace as the top right singular vectors
+        np.testing.assert_allclose(np.abs(np.linalg.svd(vt[:3] @ p.components)[1]), 1, atol=1e-4)
+        assert p(x[:5]).shape == (5, 3) and p(x[:5]).dtype == np.float32
+    assert fit_projection(x, 0, center=False) is None
+    assert fit_projection(x, 8, center=False) is None
+
+
+def test_trustworthiness_of_a_perfect_and_a_tiny_embedding():
+    x = np.random.default_rng(0).random((50, 2)).astype(np.float32)
+    assert trustworthiness_of(x, x, 5, "euclidean") == pytest.approx(1.0)
+    assert np.isnan(trustworthiness_of(x[:2], x[:2], 5, "euclidean"))
+
+
+def test_check_spread_rejects_identical_and_parallel_rows():
+    with pytest.raises(AtlasError, match="all 5 activation vectors are identical"):
+        check_spread(np.ones((5, 3), np.float32), "euclidean")
+    parallel = np.outer(np.arange(1, 6), [1.0, 2.0, 0.5]).astype(np.float32)
+    check_spread(parallel, "euclidean")  # distinct points
+    with pytest.raises(AtlasError, match="same point for the cosine metric"):
+        check_spread(parallel, "cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# reduce_to_2d (runs UMAP)
+
+CLUSTERS = toy_clusters(600, 16, 6, seed=0)
+
+
+def test_layout_of_separated_clusters_is_trustworthy_and_reproducible():
+    acts, labels = CLUSTERS
+    cfg = LayoutConfig(trust_samples=400)
+    xy, info = reduce_to_2d(acts, cfg)
+    assert xy.shape == (600, 2) and xy.dtype == np.float32
+    assert (xy.min(0) == 0).all() and (xy.max(0) == 1).all()
+    assert info["trustworthiness"] > 0.9
+    assert info["n_fit"] == 600 and info["n_neighbors"] == 20 and info["pca_dims"] == 0
+    assert info["metric"] == "cosine" and info["trust_samples"] == 400
+    everyone = np.arange(600)
+    assert neighbour_purity(xy, labels, everyone[::7], np.setdiff1d(everyone, everyone[::7])) > 0.95
+    again, _ = reduce_to_2d(acts.copy(), cfg)
+    np.testing.assert_array_equal(xy, again)
+
+
+def test_subsample_fit_places_the_rest_with_transform(tmp_path, monkeypatch):
+    acts, labels = CLUSTERS
+    cfg = LayoutConfig(fit_samples=250, trust_samples=300, seed=3)
+    xy, info = reduce_to_2d(acts, cfg)
+    monkeypatch.setattr(layout_mod, "BLOCK_BYTES", 4 * 16 * 50)  # read the file 50 rows at a time
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5["acts"] = acts
+        from_file, _ = reduce_to_2d(h5["acts"], cfg)
+    np.testing.assert_array_equal(from_file, xy)
+    assert info["n_fit"] == 250 and info["n_samples"] == 600 and info["transform_seconds"] > 0
+    assert info["knn"] == "exact"
+    fit = np.sort(np.random.default_rng(3).choice(600, 250, replace=False))  # the documented draw
+    rest = np.setdiff1d(np.arange(600), fit)
+    assert neighbour_purity(xy, labels, rest, fit) > 0.95
+    assert info["trustworthiness"] > 0.9
+    assert (xy >= 0).all() and (xy <= 1).all()
+
+
+@pytest.mark.slow
+def test_nearest_neighbour_descent_fit_and_transform(monkeypatch):
+    # Past EXACT_KNN_PAIRS UMAP uses nearest-neighbour descent and its search index for transform;
+    # forced here on a tiny array (compiling that path takes tens of seconds, hence slow).
+    acts, labels = CLUSTERS
+    monkeypatch.setattr(layout_mod, "EXACT_KNN_PAIRS", 0)
+    cfg = LayoutConfig(fit_samples=250, trust_samples=300, seed=3)
+    xy, info = reduce_to_2d(acts, cfg)
+    assert info["knn"] == "nn-descent" and info["n_fit"] == 250
+    fit = np.sort(np.random.default_rng(3).choice(600, 250, replace=False))
+    assert neighbour_purity(xy, labels, np.setdiff1d(np.arange(600), fit), fit) > 0.95
+    np.testing.assert_array_equal(reduce_to_2d(acts, cfg)[0], xy)
+
+
+def test_pca_option_records_what_it_kept():
+    acts, _ = CLUSTERS
+    xy, info = reduce_to_2d(acts, LayoutConfig(pca_dims=5, trust_samples=300))
+    assert info["pca_dims"] == 5 and 0 < info["pca_variance"] <= 1
+    assert info["trustworthiness"] > 0.9
+
+
+def test_fewer_samples_than_neighbours_lowers_n_neighbors():
+    acts, _ = toy_clusters(12, 8, 2, seed=1)
+    xy, info = reduce_to_2d(acts, LayoutConfig(n_neighbors=20))
+    assert info["n_neighbors"] == 11 and info["n_neighbors_requested"] == 20
+    assert xy.shape == (12, 2) and np.isfinite(xy).all()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda a: a[:3], "3 samples are too few"),
+    (lambda a: np.ones_like(a), "are identical"),
+    (lambda a: np.outer(np.arange(1, len(a) + 1), a[0]), "same point for the cosine metric"),
+    (lambda a: np.where(np.arange(len(a))[:, None] == 7, np.nan, a), r"1 of 40 .*NaN or inf \(first: row 7\)"),
+    (lambda a: np.where(np.arange(len(a))[:, None] >= 38, np.inf, a), r"2 of 40 .*collect.dtype"),
+])
+def test_degenerate_input_is_a_clear_error_before_umap(make, message):
+    acts, _ = toy_clusters(40, 8, 2)
+    with pytest.raises(AtlasError, match=message):
+        reduce_to_2d(make(acts).astype(np.float32), LayoutConfig())
+
+
+def test_unknown_metric_is_an_error():
+    with pytest.raises(AtlasError, match="did you mean 'cosine'"):
+        reduce_to_2d(np.zeros((10, 2), np.float32), LayoutConfig(metric="cosin"))
+    with pytest.raises(AtlasError, match="layout.metric must be one of"):
+        LayoutConfig(metric="cosin").validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# artifact and stage
+
+
+def test_layout_save_load_round_trip(tmp_path):
+    info = {"n_samples": 3, "metric": "cosine", "trustworthiness": 0.5, "min_dist": 0.01}
+    original = Layout({"blocks.10": LayerLayout(np.array([[0, 1], [0.5, 0.5], [1, 0]], np.float32), info),
+                       "a.b.c": LayerLayout(np.zeros((0, 2), np.float32), {})},
+                      "fp", "acts-fp", {"layout": {"seed": 0}})
+    original.save(tmp_path / LAYOUT_NAME)
+    loaded = Layout.load(tmp_path / LAYOUT_NAME)
+    assert list(loaded.layers) == ["blocks.10", "a.b.c"]
+    for name, layer in original.layers.items():
+        np.testing.assert_array_equal(loaded.layers[name].xy, layer.xy)
+        assert loaded.layers[name].xy.dtype == np.float32
+        assert loaded.layers[name].info == layer.info
+    assert (loaded.fingerprint, loaded.inputs, loaded.config) == ("fp", "acts-fp", {"layout": {"seed": 0}})
+    assert list(Layout.load(tmp_path / LAYOUT_NAME, ["a.b.c"]).layers) == ["a.b.c"]
+
+
+def test_run_writes_layout_h5_skips_when_up_to_date_and_redoes_on_change(tmp_path):
+    acts, _ = toy_clusters(120, 8, 3)
+    write_activations(tmp_path, {"blocks.1": acts.astype(np.float16), "blocks.2": acts[:, :4]})
+    config = toy_config(tmp_path, layers=("blocks.1", "blocks.2"), layout={"n_neighbors": 10})
+    lines = []
+    summary = run(config, log=lines.append)
+    assert not summary.skipped and summary.samples == {"blocks.1": 120, "blocks.2": 120}
+    assert len(lines) == 3 and lines[0].startswith("layout: layer blocks.1: 120 samples")
+    assert "trustworthiness" in lines[0] and lines[2].startswith("layout: 2 layer(s), 240 samples")
+    path = tmp_path / LAYOUT_NAME
+    attrs = file_attrs(path)
+    assert attrs["stage"] == "layout" and attrs["complete"] and attrs["inputs"] == "toy-activations"
+    assert attrs["layers"] == ["blocks.1", "blocks.2"] and attrs["config"]["layout"]["n_neighbors"] == 10
+    with h5py.File(path, "r") as h5:
+        assert h5["blocks.1/xy"].dtype == np.float32 and h5["blocks.1/xy"].shape == (120, 2)
+        assert h5["blocks.2"].attrs["n_neighbors"] == 10 and h5["blocks.2"].attrs["metric"] == "cosine"
+        assert 0 < h5["blocks.1"].attrs["trustworthiness"] <= 1
+    first = Layout.load(path)
+
+    lines.clear()
+    assert run(config, log=lines.append).skipped
+    assert lines == [f"layout: up to date, skipped ({path})"]
+
+    changed = dataclasses.replace(config, layout=LayoutConfig(n_neighbors=10, min_dist=0.5))
+    assert not run(changed, log=lambda _: None).skipped
+    assert file_attrs(path)["fingerprint"] != attrs["fingerprint"]
+    assert not np.array_equal(Layout.load(path).layers["blocks.1"].xy, first.layers["blocks.1"].xy)
+
+    with h5py.File(tmp_path / "activations.h5", "a") as h5:
+        h5.attrs["fingerprint"] = "recollected"
+    assert not run(changed, log=lambda _: None).skipped
+    assert file_attrs(path)["inputs"] == "recollected"
+
+
+def test_run_errors_name_the_missing_input_or_the_layer(tmp_path):
+    config = toy_config(tmp_path, layers=("blocks.1",))
+    with pytest.raises(AtlasError, match="activations.h5 not found; run `atlas collect"):
+        run(config)
+    acts, _ = toy_clusters(40, 8, 2)
+    write_activations(tmp_path, {"blocks.1": acts}, complete=False)
+    with pytest.raises(AtlasError, match="incomplete; run `atlas collect"):
+        run(config)
+    write_activations(tmp_path, {"blocks.9": acts})
+    with pytest.raises(AtlasError, match="no layer 'blocks.1'"):
+        run(config)
+    write_activations(tmp_path, {"blocks.1": np.ones_like(acts)})
+    with pytest.raises(AtlasError, match="layout of layer 'blocks.1': all 40 activation vectors"):
+        run(config)
+    write_activations(tmp_path, {"blocks.1": np.zeros((0, 8), np.float16)})
+    with pytest.raises(AtlasError, match="0 samples are too few"):
+        run(config)
+    assert not (tmp_path / LAYOUT_NAME).exists()
+
+
+def test_cli_layout_then_grid_on_a_run_directory(tmp_path, capsys):
+    from atlas.cli import main
+    from atlas.config import save_config
+
+    acts, _ = toy_clusters(150, 8, 3)
+    write_activations(tmp_path, {"blocks.1": acts.astype(np.float16)})
+    save_config(toy_config(tmp_path, grid={"sizes": (3,)}))
+    assert main(["layout", str(tmp_path)]) == 0
+    assert "layout: layer blocks.1: 150 samples" in capsys.readouterr().out
+    assert main(["grid", str(tmp_path)]) == 0
+    assert "grid: layer blocks.1: 150 samples; 3x3" in capsys.readouterr().out
+    assert main(["layout", str(tmp_path)]) == 0
+    assert "layout: up to date, skipped" in capsys.readouterr().out
+    assert main(["layout", str(tmp_path), "--set", "layout.metric=cosin"]) == 2
+    assert "layout.metric must be one of" in capsys.readouterr().err
