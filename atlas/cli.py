@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .errors import AtlasError
@@ -80,6 +81,9 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch.func's forward-mode AD (the fallback attribution route) imports torch.jit internally,
+    # which warns about its own deprecation; nothing of ours uses torch.jit.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -104,6 +104,54 @@ class GridConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RenderConfig:
+    """How each grid cell's icon is optimised (the `[render]` table)."""
+
+    sizes: tuple[int, ...] = ()  # grid sizes to render icons for; empty = every size in grid.sizes
+    icon_size: int = 64  # icon side in pixels (the article: 80)
+    steps: int = 256  # optimisation steps per icon (the article: 512-1024)
+    attempts: int = 1  # optimise this many candidates per cell and keep the best
+    batch_size: int = 32  # icons optimised together; bigger is faster until memory runs out
+    lr: float = 0.05  # Adam learning rate
+    cos_power: float = 3.0  # p in dot(h, v) * max(0.1, cos(h, v))^p (the article: 2-4)
+    whiten: bool = False  # optimise towards the whitened direction (needs grid.whiten = true)
+    decorrelate: bool = True  # decorrelated-colour Fourier parameterisation; false = plain pixels
+    pad: int = 4  # pixels of constant padding before the random transforms
+    jitter: int = 4  # random translation in pixels, before and after scaling/rotation
+    scale: float = 0.1  # random scale factor drawn from [1 - scale, 1 + scale]
+    rotate: float = 5.0  # random rotation in degrees drawn from [-rotate, rotate]
+    seed: int = 0  # seeds every icon (each cell's icon depends only on the seed and the cell)
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
+
+    def validate(self) -> None:
+        _check(all(s >= 1 for s in self.sizes), "render.sizes must list positive grid sizes")
+        _check(self.icon_size >= 16, "render.icon_size must be >= 16 pixels")
+        _check(self.steps >= 1, "render.steps must be >= 1")
+        _check(self.attempts >= 1, "render.attempts must be >= 1")
+        _check(self.batch_size >= 1, "render.batch_size must be >= 1")
+        _check(self.lr > 0, "render.lr must be > 0")
+        _check(self.cos_power >= 0, "render.cos_power must be >= 0")
+        _check(self.pad >= 0 and self.jitter >= 0, "render.pad and render.jitter must be >= 0")
+        _check(0 <= self.scale < 1, "render.scale must be in [0, 1)")
+        _check(self.rotate >= 0, "render.rotate must be >= 0")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "render.device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """How icons are laid out into the atlas image (the `[mosaic]` table)."""
+
+    icon_px: int = 0  # pixels per cell in the atlas image; 0 = render.icon_size
+    scale_by_density: bool = False  # draw sparse cells smaller (icon side grows with the cell's count)
+    labels: bool = False  # print each cell's top class under its icon
+    preview: bool = True  # also write atlas-preview-N.png: each cell as the mean of its members' image patches
+
+    def validate(self) -> None:
+        _check(self.icon_px >= 0, "mosaic.icon_px must be >= 0 (0 = render.icon_size)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment: a model, its layers, the images and every stage's settings."""
 
@@ -116,15 +164,22 @@ class Config:
     collect: CollectConfig = CollectConfig()
     layout: LayoutConfig = LayoutConfig()
     grid: GridConfig = GridConfig()
+    render: RenderConfig = RenderConfig()
+    mosaic: MosaicConfig = MosaicConfig()
 
     def validate(self) -> None:
         _check(len(self.layers) >= 1, "layers must name at least one layer; `atlas layers MODEL` lists them")
         _check(len(set(self.layers)) == len(self.layers), "layers lists a layer twice")
-        for stage in (self.collect, self.layout, self.grid):
+        for stage in (self.collect, self.layout, self.grid, self.render, self.mosaic):
             stage.validate()
+        missing = [s for s in self.render.sizes if s not in self.grid.sizes]
+        _check(not missing, f"render.sizes {missing} are not in grid.sizes {list(self.grid.sizes)}")
+        _check(not self.render.whiten or self.grid.whiten,
+               "render.whiten = true needs grid.whiten = true (the whitened directions come from the grid stage)")
 
 
-_STAGE_TABLES = {"collect": CollectConfig, "layout": LayoutConfig, "grid": GridConfig}
+_STAGE_TABLES = {"collect": CollectConfig, "layout": LayoutConfig, "grid": GridConfig,
+                 "render": RenderConfig, "mosaic": MosaicConfig}
 
 
 def _check(ok: bool, message: str) -> None:

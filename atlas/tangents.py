@@ -266,7 +266,10 @@ def _max_pool(t: torch.Tensor, x: torch.Tensor, k: int, cache: dict, node: fx.No
 
 
 def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The elementwise derivative of `fn` at `x` (for elementwise fn: the jvp with ones)."""
+    """The elementwise derivative of an elementwise `fn` at `x` (the gradient of its sum)."""
     with torch.enable_grad():
         # On a copy: the primal must stay untouched even if fn works in place.
-        return torch.func.jvp(fn, (x.clone(),), (torch.ones_like(x),))[1]
+        x_ = x.detach().clone().requires_grad_(True)
+        y = fn(x_)
+        (grad,) = torch.autograd.grad(y, x_, torch.ones_like(y))
+    return grad

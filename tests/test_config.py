@@ -48,7 +48,7 @@ def test_overrides_parse_toml_values_and_plain_strings(tmp_path, monkeypatch):
     (BASE + "[collect]\nattribution = 1\n", "true or false"),
     (BASE + "[collect]\ndtype = \"int8\"\n", "float16"),
     (BASE + "[grid]\nsizes = []\n", "grid.sizes"),
-    (BASE + "[render]\nsteps = 3\n", "unknown config key 'render'"),
+    (BASE + "[render]\nstep = 3\n", "did you mean steps"),
     ('images = "x"\nmodel = "m"\nlayers = ["a"]\n', "missing run_dir"),
     (BASE + "this is not toml", "not valid TOML"),
     (BASE.replace('["blocks.9"]', "[]"), "at least one layer"),
