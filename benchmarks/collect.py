@@ -9,7 +9,7 @@ whole collect stage over the same images without and with attribution, alternati
 collect runs so that both see the same machine load. Prints each collect run's throughput as a
 fraction of the bare pass timed next to it. Absolute images/s mean something only on a GPU.
 
-    .venv/bin/python benchmarks/collect.py [--images DIR] [--n 128] [--layer blocks.10]
+    .venv/bin/python benchmarks/collect.py [--images DIR] [--n 128] [--layer blocks.10] [--threads 1]
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=16, help="samples per image")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for the model (0 = torch's default, all cores)")
+    parser.add_argument("--no-attribution-only", action="store_true", help="skip the attribution run")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     keep_freed_memory()  # collect does this itself; the bare pass must get it too
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,9 +70,10 @@ def main() -> None:
         base = Config(run_dir=Path(tmp) / "run", images=Path(args.images), model=args.model,
                       layers=(args.layer,),
                       collect=CollectConfig(samples_per_image=args.samples, batch_size=args.batch_size,
-                                            workers=args.workers, max_images=args.n))
+                                            workers=args.workers, max_images=args.n, threads=args.threads))
         rows = []
-        for label, attribution in (("collect, no attribution", False), ("collect, attribution", True)):
+        runs = (("collect, no attribution", False), ("collect, attribution", True))
+        for label, attribution in runs[:1] if args.no_attribution_only else runs:
             config = dataclasses.replace(base, collect=dataclasses.replace(
                 base.collect, attribution=attribution, predict=attribution))
             bare = bare_forward(tap, batches)
