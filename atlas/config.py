@@ -144,11 +144,17 @@ class MosaicConfig:
 
     icon_px: int = 0  # pixels per cell in the atlas image; 0 = render.icon_size
     scale_by_density: bool = False  # draw sparse cells smaller (icon side grows with the cell's count)
-    labels: bool = False  # print each cell's top class under its icon
+    density_floor: float = 0.3  # with scale_by_density: icon side of a nearly empty cell, as a fraction of the cell
+    labels: bool = False  # also write atlas-N-labels.png, atlas-preview-N-labels.png: top class printed on each cell
     preview: bool = True  # also write atlas-preview-N.png: each cell as the mean of its members' image patches
+    preview_members: int = 16  # members averaged per preview tile: those most similar (cosine) to the cell's direction
+    preview_patch: float = 2.0  # side of a member's image patch in map strides (input size / map size)
 
     def validate(self) -> None:
         _check(self.icon_px >= 0, "mosaic.icon_px must be >= 0 (0 = render.icon_size)")
+        _check(0 < self.density_floor <= 1, "mosaic.density_floor must be in (0, 1]")
+        _check(self.preview_members >= 1, "mosaic.preview_members must be >= 1")
+        _check(self.preview_patch > 0, "mosaic.preview_patch must be > 0 (map strides)")
 
 
 @dataclasses.dataclass(frozen=True)
