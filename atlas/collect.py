@@ -196,7 +196,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     # Channels-last runs the (depthwise) convolutions of the front and of the attribution
     # tangents several times faster on the CPU; on the GPU it is neutral or better.
     module = model.module.to(device).to(memory_format=torch.channels_last)
-    tap = LayerTap(module, config.layers)
+    tap = LayerTap(module, config.layers, config.model)
     shapes = layer_shapes(module, model.input_shape, config.layers)
     for layer in config.layers:
         if len(shapes.get(layer, ())) != 3:

@@ -117,12 +117,13 @@ class LayerTap:
     Args:
         model: an nn.Module in eval mode (it is traced as it is; train mode is not restored).
         layers: dotted `named_modules()` paths; each must be called exactly once by forward.
+        model_name: how the user named the model, for error messages.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
+    def __init__(self, model: nn.Module, layers: Sequence[str], model_name: str = "MODEL"):
         self.model = model
         self.layers = tuple(layers)
-        check_layers(model, self.layers)
+        check_layers(model, self.layers, model_name)
         _disable_inplace(model)
         try:
             graph = _LeafTracer(set(self.layers)).trace(model)

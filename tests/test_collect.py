@@ -182,7 +182,7 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
     assert again.returncode == 0 and "up to date" in again.stdout
 
     for args, message in [
-        (("collect", str(path), "--set", "layers=[\"featurs\"]"), "closest: features"),
+        (("collect", str(path), "--set", "layers=[\"featurs\"]"), "model tiny:make; closest: features"),
         (("collect", str(path), "--set", "images=nowhere"), "does not exist"),
         (("collect", str(tmp_path / "missing.toml")), "does not exist"),
         (("collect", str(path), "--set", "collect.bogus=1"), "unknown config key"),
