@@ -111,7 +111,7 @@ class RenderConfig:
     icon_size: int = 64  # icon side in pixels (the article: 80)
     steps: int = 256  # optimisation steps per icon (the article: 512-1024)
     attempts: int = 1  # optimise this many candidates per cell and keep the best
-    batch_size: int = 32  # icons optimised together; bigger is faster until memory runs out
+    batch_size: int = 32  # icons optimised together; bigger is faster until memory runs out; 0 = auto (32 on the CPU, what fits in half the free memory on a GPU)
     lr: float = 0.05  # Adam learning rate
     cos_power: float = 3.0  # p in dot(h, v) * max(0.1, cos(h, v))^p (the article: 2-4)
     whiten: bool = False  # optimise towards the whitened direction (needs grid.whiten = true)
@@ -128,10 +128,12 @@ class RenderConfig:
         _check(self.icon_size >= 16, "render.icon_size must be >= 16 pixels")
         _check(self.steps >= 1, "render.steps must be >= 1")
         _check(self.attempts >= 1, "render.attempts must be >= 1")
-        _check(self.batch_size >= 1, "render.batch_size must be >= 1")
+        _check(self.batch_size >= 0, "render.batch_size must be >= 1, or 0 for a batch sized to the device")
         _check(self.lr > 0, "render.lr must be > 0")
         _check(self.cos_power >= 0, "render.cos_power must be >= 0")
         _check(self.pad >= 0 and self.jitter >= 0, "render.pad and render.jitter must be >= 0")
+        _check(self.pad >= self.jitter, f"render.pad ({self.pad}) must be >= render.jitter ({self.jitter}): "
+               "the two random shifts crop 2 x jitter pixels that the padding has to give back")
         _check(0 <= self.scale < 1, "render.scale must be in [0, 1)")
         _check(self.rotate >= 0, "render.rotate must be >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
