@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .errors import AtlasError
 
-STAGES = ("collect", "layout", "grid")
+STAGES = ("collect", "layout", "grid", "render", "mosaic")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage, text in (("collect", "images -> RUN/activations.h5"), ("layout", "activations -> RUN/layout.h5"),
                         ("grid", "layout -> RUN/grid.h5"),
+                        ("render", "grid -> an icon per cell in RUN/<layer>/icons-<N>/"),
+                        ("mosaic", "icons -> RUN/<layer>/atlas-<N>.png (and a preview from image patches)"),
                         ("run", "every stage in order, skipping what is up to date")):
         p = sub.add_parser(stage, help=text)
         p.add_argument("config", metavar="CONFIG" if stage in ("collect", "run") else "RUN",
@@ -69,15 +71,17 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
-    from . import collect, grid, layout
+    import importlib
+
     from .config import load_config, save_config
 
     config = load_config(args.config, args.overrides)
     stages = STAGES if args.command == "run" else (args.command,)
-    save_config(config)  # the run directory always holds the effective config
-    modules = {"collect": collect, "layout": layout, "grid": grid}
     for stage in stages:
-        modules[stage].run(config, force=args.force)
+        importlib.import_module(f"atlas.{stage}").run(config, force=args.force)
+        # The run directory holds the effective config of its last successful stage (not of a
+        # command that failed on, say, a misspelt layer).
+        save_config(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

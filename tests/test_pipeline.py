@@ -1,0 +1,56 @@
+"""`atlas run` end to end through the CLI: tiny model, a handful of generated images, few steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tiny import config_text, write_images
+
+TESTS = Path(__file__).parent
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    return subprocess.run([sys.executable, "-m", "atlas", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_atlas_run_builds_every_artifact_and_then_skips(tmp_path):
+    write_images(tmp_path / "images", 12)
+    text = config_text(tmp_path / "run", tmp_path / "images", samples_per_image=4)
+    text = text.replace('layers = ["features", "deep"]', 'layers = ["deep"]')
+    text += ("[layout]\nn_neighbors = 5\ntrust_samples = 0\n"
+             "[grid]\nsizes = [2, 3]\nmin_count = 1\n"
+             "[render]\nicon_size = 16\nsteps = 4\nbatch_size = 3\npad = 1\njitter = 1\n"
+             "[mosaic]\nlabels = true\n")
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+
+    first = run_cli("run", str(config), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "run"
+    for name in ("config.toml", "activations.h5", "layout.h5", "grid.h5"):
+        assert (run / name).is_file(), name
+    for size in (2, 3):
+        icons = json.loads((run / "deep" / f"icons-{size}" / "icons.json").read_text())
+        assert icons["icons"] and all((run / "deep" / f"icons-{size}" / i["file"]).is_file()
+                                      for i in icons["icons"])
+        for name in (f"atlas-{size}.png", f"atlas-preview-{size}.png", f"atlas-{size}-labels.png"):
+            with Image.open(run / "deep" / name) as image:
+                assert image.size == (16 * size, 16 * size), name
+    for stage in ("collect", "layout", "grid", "render", "mosaic"):
+        assert stage in first.stdout
+
+    second = run_cli("run", str(run), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    lines = second.stdout.splitlines()
+    for stage in ("collect", "layout", "grid", "render"):  # nothing was redone
+        assert any(line.startswith(f"{stage}: ") and "up to date" in line for line in lines), (stage, lines)
+    assert any(line.startswith("mosaic: wrote 0 image(s)") for line in lines), lines
+
+    changed = run_cli("run", str(run), "--set", "grid.min_count=2", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr
+    assert "collect: " in changed.stdout and "grid: " in changed.stdout
