@@ -97,3 +97,24 @@ def read_fingerprint(path: str | Path) -> str | None:
 def is_up_to_date(path: str | Path, expected: str) -> bool:
     """True when the artifact at `path` is complete and carries the `expected` fingerprint."""
     return read_fingerprint(path) == expected
+
+
+def prepare_work_dir(path: str | Path, fingerprint_: str) -> Path:
+    """Makes the folder of a stage's finished pieces, keeping them only if made with this fingerprint.
+
+    A resumable stage writes finished pieces of work into such a folder; pieces of a run with
+    another config are thrown away, never appended to.
+    """
+    path = Path(path)
+    stamp = path / "fingerprint"
+    if path.exists():
+        old = stamp.read_text().strip() if stamp.is_file() else None
+        if old != fingerprint_:
+            import shutil
+
+            shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(fingerprint_ + "\n")
+    return path

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import atomic_path, fingerprint, is_up_to_date, to_jsonable, write_provenance
+from .artifacts import atomic_path, fingerprint, is_up_to_date, prepare_work_dir, to_jsonable, write_provenance
 from .config import Config
 from .corpus import ImageRecord, find_images, iter_batches
 from .errors import AtlasError
 from .layers import LayerTap, layer_shapes
 from .models import LoadedModel, load_model
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, pick_device
 
 ACTIVATIONS = "activations.h5"
 PARTS = ".collect-parts"
@@ -144,15 +144,6 @@ def collect_fingerprint(config: Config, model: LoadedModel, records: Sequence[Im
                        c.seed, c.max_images, c.max_image_pixels, images)
 
 
-def pick_device(name: str) -> torch.device:
-    """Resolves "auto" to cuda when present; a cuda device that is not there is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasError(f"collect.device = {name!r} but no CUDA GPU is available; use \"auto\" or \"cpu\"")
-    return torch.device(name)
-
-
 @dataclass
 class CollectSummary:
     """What a collect run did, for the summary lines and the tests."""
@@ -188,7 +179,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     if c.threads:
         torch.set_num_threads(c.threads)
     keep_freed_memory()
-    device = pick_device(c.device)
+    device = pick_device(c.device, "collect.device")
 
     model = load_model(config.model, config.weights, config.preprocess)
     records = find_images(config.images, model.classes.lookup if model.classes else None,
@@ -208,7 +199,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         return CollectSummary(True, len(records), 0, {}, {}, None, 0.0, 0.0, out_path.stat().st_size, 0)
 
     parts_dir = run_dir / PARTS
-    _prepare_parts_dir(parts_dir, fp)
+    prepare_work_dir(parts_dir, fp)
     part_size = max(1, IMAGES_PER_PART // c.batch_size) * c.batch_size
     done = _finished_parts(parts_dir, part_size, len(records))
     resume = len(done) * part_size
@@ -255,19 +246,6 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     summary.images_per_s = (len(records) - resume) / loop_seconds if loop_seconds > 0 else 0.0
     _log_summary(summary, out_path, log)
     return summary
-
-
-def _prepare_parts_dir(parts_dir: Path, fp: str) -> None:
-    """Keeps finished parts only if they were made with the same fingerprint; else starts over."""
-    stamp = parts_dir / "fingerprint"
-    if parts_dir.exists():
-        old = stamp.read_text().strip() if stamp.is_file() else None
-        if old != fp:
-            shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    if not stamp.is_file():
-        with atomic_path(stamp) as tmp:
-            tmp.write_text(fp + "\n")
 
 
 @torch.no_grad()

@@ -46,13 +46,13 @@ import torch
 from PIL import Image
 
 from . import optvis
-from .artifacts import atomic_path, fingerprint, read_fingerprint
+from .artifacts import atomic_path, fingerprint, prepare_work_dir, read_fingerprint
 from .config import Config, RenderConfig
 from .errors import AtlasError
 from .grid import GRID_NAME, Grid, grid_fingerprint, load_grid
 from .layout import ACTIVATIONS_NAME, iter_blocks
 from .models import load_model
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, pick_device
 
 ICONS_JSON = "icons.json"
 MEMBER_SIMILARITY = "median over the cell's members of cos(member activation, direction)"
@@ -241,7 +241,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         return RenderSummary(True, [], "", time.perf_counter() - t0)
 
     keep_freed_memory()
-    device = _pick_device(r.device)
+    device = pick_device(r.device, "render.device")
     model = load_model(config.model, config.weights, config.preprocess)
     # Channels-last runs the convolutions' forward and backward faster on the CPU (measured:
     # benchmarks/render.py) and is neutral or better on a GPU.
@@ -272,14 +272,6 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     log(f"render: {sum(s.icons for s in rendered)} icons for {len(rendered)} grid(s) in {seconds:.1f} s on "
         f"{device} ({len(summaries) - len(rendered)} up to date)")
     return RenderSummary(False, summaries, str(device), seconds)
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasError(f"render.device = {name!r} but no CUDA GPU is available; use \"auto\" or \"cpu\"")
-    return torch.device(name)
 
 
 def _check_grid(config: Config, grid_path: Path) -> str:
@@ -338,7 +330,7 @@ def _render_grid(network: optvis.Network, layer: str, grid: Grid, member_cos: np
     t0 = time.perf_counter()
     out_dir = icons_dir(config.run_dir, layer, grid.size)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
-    _prepare_partial(partial, fp)
+    prepare_work_dir(partial, fp)
     m, attempts = len(grid), r.attempts
     jobs_cell = np.repeat(np.arange(m), attempts)  # job j = (cell j // attempts, attempt j % attempts)
     jobs_attempt = np.tile(np.arange(attempts), m)
@@ -447,19 +439,6 @@ def _stepper(progress, per_step: float) -> Callable[[int], None]:
 def _consecutive_runs(jobs: np.ndarray) -> list[np.ndarray]:
     breaks = np.flatnonzero(np.diff(jobs) != 1) + 1
     return np.split(jobs, breaks)
-
-
-def _prepare_partial(partial: Path, fp: str) -> None:
-    """Keeps finished batches only if they were made with the same fingerprint; else starts over."""
-    stamp = partial / "fingerprint"
-    if partial.exists():
-        old = stamp.read_text().strip() if stamp.is_file() else None
-        if old != fp:
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    if not stamp.is_file():
-        with atomic_path(stamp) as tmp:
-            tmp.write_text(fp + "\n")
 
 
 def _write_part(partial: Path, start: int, stop: int, part: IconBatch) -> None:

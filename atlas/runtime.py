@@ -5,6 +5,10 @@ from __future__ import annotations
 import ctypes
 import platform
 
+import torch
+
+from .errors import AtlasError
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _done = False
@@ -31,3 +35,15 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return _done
+
+
+def pick_device(name: str, key: str = "device") -> torch.device:
+    """Resolves "auto" to cuda when present; a cuda device that is not there is a user error.
+
+    `key` names the config key in the error (e.g. "render.device").
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AtlasError(f"{key} = {name!r} but no CUDA GPU is available; use \"auto\" or \"cpu\"")
+    return torch.device(name)
