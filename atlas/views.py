@@ -1,0 +1,476 @@
+"""Single-unit views: feature visualisation, DeepDream, feature maps and first-layer filters.
+
+Four subcommands, each writing one PNG (atomically) and printing one line:
+
+    atlas vis MODEL --layer L --channel K    a channel's (mean over positions) or, with --class NAME,
+                                             a class logit's feature visualisation (optvis engine)
+    atlas dream IMAGE --layer L [--channel K]  multi-octave DeepDream on a photo
+    atlas maps IMAGE --layer L               one input's feature maps at a layer, as a labelled grid
+    atlas filters MODEL                      the first RGB convolution's filters as colour tiles
+
+The pure cores (`visualize`, `deep_dream`, `feature_maps`, `pick_channels`, `maps_grid`,
+`first_rgb_conv`, `filter_tiles`, `tile_grid`) take and return tensors or arrays; the `cmd_*`
+handlers load the model and image, call a core and save. `add_view_parsers` wires them into the
+CLI's subparsers with `set_defaults(view=handler)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from .artifacts import atomic_path
+from .corpus import BadImage, load_image
+from .errors import AtlasError
+from .layers import check_layers, layer_shapes
+from .models import load_model
+from .models.zoo import OFFLINE_DEFAULT
+from .optvis import (Network, Objective, channel, class_logit, fourier_image, frozen, make_generators,
+                     optimize, standard_transforms)
+from .runtime import keep_freed_memory, pick_device
+
+__all__ = ["add_view_parsers", "cmd_dream", "cmd_filters", "cmd_maps", "cmd_vis", "deep_dream", "feature_maps",
+           "filter_tiles", "first_rgb_conv", "maps_grid", "pick_channels", "tile_grid", "visualize"]
+
+BACKGROUND = 255  # gap and margin colour of every grid (white)
+TEXT = (0, 0, 160)  # labels and titles: dark blue, so no text pixel is gray like a feature map
+
+
+# ---------------------------------------------------------------------------------------------
+# vis: feature visualisation of a channel or a class logit
+
+
+def visualize(model: nn.Module, objective: Objective, *, size: int = 128, steps: int = 256, seed: int = 0,
+              normalise=None, device: torch.device | str = "cpu"):
+    """Optimises one image to maximise `objective` (Fourier parameterisation, standard transforms).
+
+    Args:
+        model: the network, on `device`; its mode and parameter gradients are put back after.
+        objective: e.g. `optvis.channel("blocks.10", 3)` or `optvis.class_logit(1)`.
+        size: side of the image, pixels; default 128.
+        steps: Adam steps; default 256.
+        seed: seeds the initial spectrum and the transforms; default 0.
+        normalise: [0, 1] pixels -> model input (e.g. `preprocess.normalise`); default identity.
+
+    Returns:
+        An `optvis.Visualization`: `.images` (1, 3, size, size) in [0, 1], `.history` (steps,).
+    """
+    generators = make_generators([seed])
+    network = Network.for_objective(model, objective, normalise=normalise)
+    image = fourier_image(size, generators, device=device)
+    return optimize(network, objective, image, generators=generators, transform=standard_transforms(size),
+                    steps=steps)
+
+
+def resolve_class(classes, key: str) -> int:
+    """Index of class `key` (name, wnid or index); AtlasError suggesting close names if unknown."""
+    if classes is not None:
+        index = classes.lookup(key)
+        if index is not None:
+            return index
+    if key.strip().isdigit():
+        index = int(key)
+        if classes is None or index < len(classes):
+            return index
+        raise AtlasError(f"class index {index} is out of range; "
+                         f"the model has {len(classes)} classes (0-{len(classes) - 1})")
+    if classes is None:
+        raise AtlasError(f"the model's class names are unknown; give --class as an output index, not {key!r}")
+    names = sorted(set(classes.names))
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise AtlasError(f"unknown class {key!r}; {hint}give an ImageNet class name (e.g. 'goldfish') or wnid (n01443537)")
+
+
+def _check_channel(model: nn.Module, input_shape: Sequence[int], layer: str, index: int) -> int:
+    """The layer's channel count, after checking that `index` is one of them (AtlasError if not)."""
+    shapes = layer_shapes(model, input_shape, [layer])
+    if layer not in shapes or len(shapes[layer]) != 3:
+        raise AtlasError(f"layer {layer!r} does not give a (C, H, W) feature map on a {tuple(input_shape)} input; "
+                         "pick a convolutional layer (`atlas layers MODEL` lists them with shapes)")
+    count = shapes[layer][0]
+    if not 0 <= index < count:
+        raise AtlasError(f"channel {index} is out of range for layer {layer!r}, "
+                         f"which has {count} channels (0-{count - 1})")
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# dream: multi-octave DeepDream
+
+
+def dream_objective(layer: str, channel_index: int | None = None) -> Objective:
+    """L2 norm of the layer's activations per image, or with a channel that channel's mean."""
+    if channel_index is not None:
+        return channel(layer, channel_index)
+    return Objective(lambda acts: acts[layer].flatten(1).norm(dim=1), [layer], f"L2 norm {layer}")
+
+
+def deep_dream(model: nn.Module, pixels: torch.Tensor, objective: Objective, *, octaves: int = 3,
+               octave_scale: float = 1.4, steps: int = 10, lr: float = 0.02, jitter_px: int = 32,
+               normalise=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DeepDream: gradient ascent on `objective` w.r.t. the pixels over an image pyramid.
+
+    From the coarsest level to the full size: the level's image plus the detail dreamed so far
+    (upsampled), `steps` normalised gradient steps each on a randomly rolled copy (the roll hides
+    the grid of strided convolutions), then the new detail is the dreamed image minus the level's
+    image. Pixels stay in [0, 1].
+
+    Args:
+        model: the network, on the pixels' device (gradients flow to the image only).
+        pixels: (3, H, W) float32 in [0, 1].
+        objective: one value per image, e.g. `dream_objective("blocks.5")`.
+        octaves: pyramid levels, >= 1; default 3.
+        octave_scale: side ratio between levels, > 1; default 1.4.
+        steps: gradient steps per level; default 10.
+        lr: step size in pixel units for a gradient of mean absolute value 1; default 0.02.
+        jitter_px: largest roll, pixels (capped at a quarter of the level's side); default 32.
+        normalise: [0, 1] pixels -> model input; default identity.
+        generator: the rolls' random source; default a fresh one seeded 0.
+
+    Returns:
+        (3, H, W) float32 in [0, 1], detached.
+    """
+    if octaves < 1 or octave_scale <= 1:
+        raise ValueError(f"need octaves >= 1 and octave_scale > 1, got {octaves} and {octave_scale}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    network = Network.for_objective(model, objective, normalise=normalise)
+    base = pixels.detach().float().unsqueeze(0)
+    pyramid = [base]
+    for _ in range(octaves - 1):
+        h, w = pyramid[-1].shape[-2:]
+        pyramid.append(F.interpolate(pyramid[-1], size=(max(1, round(h / octave_scale)),
+                                                        max(1, round(w / octave_scale))),
+                                     mode="bilinear", align_corners=False, antialias=True))
+    detail = torch.zeros_like(pyramid[-1])
+    image = base
+    with frozen(network.model), torch.enable_grad():
+        for level in reversed(pyramid):
+            detail = F.interpolate(detail, size=level.shape[-2:], mode="bilinear", align_corners=False)
+            image = (level + detail).clamp(0, 1)
+            limit = min(jitter_px, min(level.shape[-2:]) // 4)
+            for _ in range(steps):
+                dy, dx = (torch.randint(-limit, limit + 1, (2,), generator=generator).tolist()
+                          if limit > 0 else (0, 0))
+                rolled = image.roll((dy, dx), dims=(2, 3)).requires_grad_(True)
+                value = objective(network(rolled)).sum()
+                (grad,) = torch.autograd.grad(value, rolled)
+                grad = grad.roll((-dy, -dx), dims=(2, 3))
+                # Normalised steps: the same step size works at every layer and every level.
+                image = (image + lr * grad / grad.abs().mean().clamp_min(1e-8)).clamp(0, 1).detach()
+            detail = image - level
+    return image[0].detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# maps: one input's feature maps as a labelled grid
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray:
+    """(3, H, W) network input -> (C, h, w) float32 activations of `layer`."""
+    network = Network(model, [layer])
+    with frozen(model):
+        h = network(x.unsqueeze(0))[layer]
+    if h.dim() != 4:
+        raise AtlasError(f"layer {layer!r} gives shape {tuple(h.shape[1:])}, not a (C, H, W) feature map; "
+                         "pick a convolutional layer")
+    return h[0].float().cpu().numpy()
+
+
+def pick_channels(maps: np.ndarray, n: int, sort: str = "mean") -> np.ndarray:
+    """Indices of the channels to show: the first n ("index") or the n largest means ("mean")."""
+    n = min(n, maps.shape[0])
+    if sort == "index":
+        return np.arange(n)
+    if sort == "mean":
+        # stable, so equal means keep channel order
+        return np.argsort(-maps.reshape(maps.shape[0], -1).mean(axis=1), kind="stable")[:n]
+    raise ValueError(f"sort must be 'mean' or 'index', got {sort!r}")
+
+
+def normalise_maps(maps: np.ndarray) -> np.ndarray:
+    """(C, h, w) -> (C, h, w) float32 in [0, 1], each channel from its own min to max (flat -> 0)."""
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - lo
+    return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
+
+
+def maps_grid(maps: np.ndarray, indices: Sequence[int], title: str, *, tile_px: int = 64,
+              gap: int = 4) -> Image.Image:
+    """Grayscale tiles of the chosen channels, each labelled with its channel number, under a title.
+
+    Args:
+        maps: (C, h, w) float activations.
+        indices: channels to show, in order.
+        title: written above the grid.
+        tile_px: smallest tile side; maps are upscaled with nearest by a whole factor to reach it.
+
+    Returns:
+        An RGB image.
+    """
+    tiles = normalise_maps(maps[np.asarray(indices, dtype=int)])
+    factor = max(1, math.ceil(tile_px / max(maps.shape[1:])))
+    tiles = tiles.repeat(factor, axis=1).repeat(factor, axis=2)
+    tiles = np.repeat((tiles * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+    label_px = 12
+    body = tile_grid(tiles, gap=gap, label_px=label_px + 2)
+    title_px = 16
+    canvas = Image.new("RGB", (max(body.shape[1], 8 * len(title) + 2 * gap), body.shape[0] + title_px + gap),
+                       (BACKGROUND,) * 3)
+    canvas.paste(Image.fromarray(body), (0, title_px + gap))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, gap // 2), title, fill=TEXT, font=_font(title_px - 2))
+    cols = _columns(len(tiles))
+    th, tw = tiles.shape[1:3]
+    for i, channel_index in enumerate(indices):
+        row, col = divmod(i, cols)
+        x = gap + col * (tw + gap)
+        y = title_px + gap + gap + row * (th + gap + label_px + 2) + th
+        draw.text((x, y), f"{int(channel_index)}", fill=TEXT, font=_font(label_px))
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# filters: the first RGB convolution's kernels
+
+
+def first_rgb_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The first nn.Conv2d with 3 input channels in `named_modules` order; AtlasError if none."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
+            return name, module
+    raise AtlasError("the model has no nn.Conv2d with 3 input channels, so there are no RGB filters to show")
+
+
+def filter_tiles(weight: torch.Tensor | np.ndarray, tile_px: int = 32) -> np.ndarray:
+    """(O, 3, k, k) weights -> (O, s, s, 3) uint8 tiles, s = k x ceil(tile_px / k).
+
+    Each filter is scaled by its own largest |w| so that 0 is mid-gray (128): w / max|w| / 2 + 0.5.
+    """
+    w = torch.as_tensor(weight).detach().float().cpu().numpy()
+    peak = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape(-1, 1, 1, 1)
+    w = w / np.where(peak > 0, peak, 1) / 2 + 0.5
+    factor = max(1, math.ceil(tile_px / max(w.shape[2:])))
+    w = w.repeat(factor, axis=2).repeat(factor, axis=3).transpose(0, 2, 3, 1)
+    return (w * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def tile_grid(tiles: np.ndarray, *, gap: int = 4, label_px: int = 0, columns: int | None = None) -> np.ndarray:
+    """(N, h, w, 3) uint8 tiles -> (H, W, 3) uint8 grid, ~square, `gap` pixels of background around
+    every tile and `label_px` more below each row (room for labels)."""
+    n, h, w = tiles.shape[:3]
+    cols = columns or _columns(n)
+    rows = math.ceil(n / cols)
+    grid = np.full((gap + rows * (h + gap + label_px), gap + cols * (w + gap), 3), BACKGROUND, np.uint8)
+    for i, tile in enumerate(tiles):
+        row, col = divmod(i, cols)
+        y, x = gap + row * (h + gap + label_px), gap + col * (w + gap)
+        grid[y:y + h, x:x + w] = tile
+    return grid
+
+
+def _columns(n: int) -> int:
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+def _font(px: int):
+    try:
+        return ImageFont.load_default(size=px)  # scalable when Pillow has FreeType
+    except TypeError:  # older Pillow: one bitmap size
+        return ImageFont.load_default()
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers: load, call a core, save, print one line
+
+
+def cmd_vis(args: argparse.Namespace) -> None:
+    """`atlas vis`: writes a feature visualisation of a channel or a class logit."""
+    _check_positive(args, "size", "steps")
+    keep_freed_memory()
+    device = pick_device(args.device)
+    loaded = load_model(args.model, args.weights)
+    model = loaded.module.to(device)
+    if args.class_ is not None:
+        if args.channel is not None:
+            raise AtlasError("give either --channel (with --layer) or --class, not both")
+        index = resolve_class(loaded.classes, args.class_)
+        objective = class_logit(index)
+        name = loaded.classes.names[index] if loaded.classes is not None else f"output {index}"
+        what, stem = f"class {index} ({name})", f"class-{index}"
+    else:
+        if args.layer is None or args.channel is None:
+            raise AtlasError("give --layer and --channel (a channel's visualisation) or --class NAME (a class logit's)")
+        check_layers(model, [args.layer], args.model)
+        _check_channel(model, loaded.input_shape, args.layer, args.channel)
+        objective = channel(args.layer, args.channel)
+        what, stem = f"{args.layer} channel {args.channel}", f"{args.layer}-{args.channel}"
+    vis = visualize(model, objective, size=args.size, steps=args.steps, seed=args.seed,
+                    normalise=loaded.preprocess.normalise, device=device)
+    out = Path(args.out or f"vis-{_slug(args.model)}-{_slug(stem)}.png")
+    _save(vis.images[0], out)
+    history = vis.history.cpu()
+    print(f"wrote {out}: {args.model} {what}, {args.size}x{args.size} px, {args.steps} steps, "
+          f"objective {history[0]:.3g} -> {history[-1]:.3g}")
+
+
+def cmd_dream(args: argparse.Namespace) -> None:
+    """`atlas dream`: writes a DeepDream of a photo at a layer (or one channel)."""
+    _check_positive(args, "size", "steps", "octaves")
+    if args.octave_scale <= 1:
+        raise AtlasError(f"--octave-scale must be > 1, got {args.octave_scale}")
+    keep_freed_memory()
+    device = pick_device(args.device)
+    image = _load_photo(args.image)
+    loaded = load_model(args.model, args.weights)
+    model = loaded.module.to(device)
+    check_layers(model, [args.layer], args.model)
+    if args.channel is not None:
+        _check_channel(model, loaded.input_shape, args.layer, args.channel)
+    image = _resize_longer(image, args.size)
+    pixels = _to_tensor(image).to(device)
+    dreamed = deep_dream(model, pixels, dream_objective(args.layer, args.channel), octaves=args.octaves,
+                         octave_scale=args.octave_scale, steps=args.steps, lr=args.lr,
+                         normalise=loaded.preprocess.normalise,
+                         generator=torch.Generator().manual_seed(args.seed))
+    suffix = f"-{args.channel}" if args.channel is not None else ""
+    out = Path(args.out or f"dream-{_slug(Path(args.image).stem)}-{_slug(args.layer)}{suffix}.png")
+    _save(dreamed, out)
+    print(f"wrote {out}: DeepDream of {args.image} at {args.layer}"
+          f"{f' channel {args.channel}' if args.channel is not None else ''}, {image.width}x{image.height} px, "
+          f"{args.octaves} octaves x {args.steps} steps")
+
+
+def cmd_maps(args: argparse.Namespace) -> None:
+    """`atlas maps`: writes one image's feature maps at a layer as a labelled grid."""
+    _check_positive(args, "channels")
+    device = pick_device(args.device)
+    image = _load_photo(args.image)
+    loaded = load_model(args.model, args.weights)
+    model = loaded.module.to(device)
+    check_layers(model, [args.layer], args.model)
+    maps = feature_maps(model, loaded.preprocess(image).to(device), args.layer)
+    indices = pick_channels(maps, args.channels, args.sort)
+    order = "largest mean" if args.sort == "mean" else "first"
+    title = f"{args.layer} {tuple(maps.shape)}: {len(indices)} {order} channels"
+    grid = maps_grid(maps, indices, title)
+    out = Path(args.out or f"maps-{_slug(Path(args.image).stem)}-{_slug(args.layer)}.png")
+    _save(grid, out)
+    print(f"wrote {out}: {len(indices)} of {maps.shape[0]} feature maps of {args.image} at {args.layer} "
+          f"({maps.shape[1]}x{maps.shape[2]})")
+
+
+def cmd_filters(args: argparse.Namespace) -> None:
+    """`atlas filters`: writes the first RGB convolution's filters as colour tiles."""
+    loaded = load_model(args.model, args.weights)
+    name, conv = first_rgb_conv(loaded.module)
+    grid = tile_grid(filter_tiles(conv.weight))
+    out = Path(args.out or f"filters-{_slug(args.model)}.png")
+    _save(grid, out)
+    k = conv.kernel_size
+    print(f"wrote {out}: {conv.out_channels} filters {k[0]}x{k[1]} of {args.model} layer {name}")
+
+
+def add_view_parsers(sub) -> None:
+    """Adds the `vis`, `dream`, `maps` and `filters` subcommands; each sets `view` to its handler."""
+    model_help = f"{OFFLINE_DEFAULT}, a torchvision classifier name, or package.module:factory"
+
+    def common(p: argparse.ArgumentParser, model_option: bool) -> None:
+        if model_option:
+            p.add_argument("--model", default=OFFLINE_DEFAULT, help=f"{model_help} (default: {OFFLINE_DEFAULT})")
+        p.add_argument("--weights", default="DEFAULT",
+                       help="DEFAULT (pretrained), none (random init) or a state-dict file (default: DEFAULT)")
+        p.add_argument("--out", default=None, help="the PNG to write (default: a name in the current folder)")
+
+    p = sub.add_parser("vis", help="feature visualisation of a channel (--layer, --channel) or a class (--class)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--layer", help="dotted layer name (`atlas layers MODEL` lists them)")
+    p.add_argument("--channel", type=int, help="channel of --layer whose mean over positions is maximised")
+    p.add_argument("--class", dest="class_", metavar="NAME", help="class name or wnid whose logit is maximised")
+    p.add_argument("--size", type=int, default=128, help="image side, pixels (default: 128)")
+    p.add_argument("--steps", type=int, default=256, help="optimisation steps (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    common(p, model_option=False)
+    p.set_defaults(view=cmd_vis)
+
+    p = sub.add_parser("dream", help="DeepDream a photo at a layer (multi-octave gradient ascent)")
+    p.add_argument("image", help="the photo")
+    p.add_argument("--layer", required=True, help="dotted layer name whose activations' L2 norm is maximised")
+    p.add_argument("--channel", type=int, help="maximise this channel's mean instead")
+    p.add_argument("--octaves", type=int, default=3, help="pyramid levels (default: 3)")
+    p.add_argument("--octave-scale", type=float, default=1.4, help="side ratio between levels (default: 1.4)")
+    p.add_argument("--steps", type=int, default=10, help="gradient steps per level (default: 10)")
+    p.add_argument("--lr", type=float, default=0.02, help="step size, [0, 1] pixel units (default: 0.02)")
+    p.add_argument("--size", type=int, default=384, help="the photo's longer side is resized to this (default: 384)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random jitter (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    common(p, model_option=True)
+    p.set_defaults(view=cmd_dream)
+
+    p = sub.add_parser("maps", help="one image's feature maps at a layer as a labelled grid")
+    p.add_argument("image", help="the photo (preprocessed as for the model)")
+    p.add_argument("--layer", required=True, help="dotted layer name")
+    p.add_argument("--channels", type=int, default=64, help="how many channels to show (default: 64)")
+    p.add_argument("--sort", choices=("mean", "index"), default="mean",
+                   help="mean: the channels with the largest mean activation; index: the first ones (default: mean)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    common(p, model_option=True)
+    p.set_defaults(view=cmd_maps)
+
+    p = sub.add_parser("filters", help="the first RGB convolution's filters as colour tiles")
+    p.add_argument("model", help=model_help)
+    common(p, model_option=False)
+    p.set_defaults(view=cmd_filters)
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise AtlasError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _load_photo(path: str) -> Image.Image:
+    try:
+        return load_image(path)
+    except BadImage as exc:
+        raise AtlasError(f"cannot read image {exc}") from None
+
+
+def _resize_longer(image: Image.Image, side: int) -> Image.Image:
+    """The image scaled so that its longer side is `side` pixels (aspect ratio kept)."""
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+
+
+def _save(picture: torch.Tensor | np.ndarray | Image.Image, out: Path) -> None:
+    """Writes a (3, H, W) [0, 1] tensor, an (H, W, 3) uint8 array or a PIL image as a PNG, atomically."""
+    if isinstance(picture, torch.Tensor):
+        picture = (picture.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(picture)
+    with atomic_path(out) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe version of a model, layer or file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
