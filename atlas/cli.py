@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set collect.samples_per_image=8 (repeatable)")
         p.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
+
+    from .inspect import add_inspect_parsers
+    from .views import add_view_parsers
+
+    add_inspect_parsers(sub)  # inspect, patches: reading an atlas
+    add_view_parsers(sub)  # vis, dream, maps, filters: the classic single-unit views
     return parser
 
 
@@ -91,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "layers":
+        if hasattr(args, "view"):
+            args.view(args)
+        elif args.command == "layers":
             cmd_layers(args)
         else:
             cmd_stage(args)

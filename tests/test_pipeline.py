@@ -54,3 +54,19 @@ def test_atlas_run_builds_every_artifact_and_then_skips(tmp_path):
     changed = run_cli("run", str(run), "--set", "grid.min_count=2", cwd=tmp_path)
     assert changed.returncode == 0, changed.stderr
     assert "collect: " in changed.stdout and "grid: " in changed.stdout
+
+
+def test_reading_commands_fail_with_one_line_through_the_cli(tmp_path):
+    for args, message in [
+        (("vis", "tiny:make", "--weights", "none", "--layer", "features", "--channel", "99"), "channel"),
+        (("vis", "tiny:make", "--weights", "none", "--layer", "featurs", "--channel", "0"), "closest: features"),
+        (("inspect", str(tmp_path / "no-run"), "--layer", "deep", "--grid", "2", "--cell", "0", "0"), "atlas run"),
+        (("patches", str(tmp_path / "no-run"), "--layer", "deep", "--channel", "0"), "no-run"),
+        (("maps", str(tmp_path / "missing.png"), "--model", "tiny:make", "--weights", "none",
+          "--layer", "features"), "missing.png"),
+        (("filters", "no_such_model"), "model"),
+    ]:
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
