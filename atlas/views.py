@@ -462,13 +462,21 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _save(picture: torch.Tensor | np.ndarray | Image.Image, out: Path) -> None:
-    """Writes a (3, H, W) [0, 1] tensor, an (H, W, 3) uint8 array or a PIL image as a PNG, atomically."""
+    """Writes a (3, H, W) [0, 1] tensor, an (H, W, 3) uint8 array or a PIL image, atomically.
+
+    PNG unless --out names another format PIL writes (.jpg, .webp, ...); an unknown suffix is an
+    error rather than a PNG under a misleading name.
+    """
     if isinstance(picture, torch.Tensor):
         picture = (picture.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     if isinstance(picture, np.ndarray):
         picture = Image.fromarray(picture)
+    suffix = out.suffix.lower()
+    image_format = Image.registered_extensions().get(suffix, "PNG" if suffix in ("", ".png") else None)
+    if image_format is None:
+        raise AtlasError(f"--out {out}: unknown image format {suffix!r}; use .png (or .jpg, .webp)")
     with atomic_path(out) as tmp:
-        picture.save(tmp, format="PNG")
+        picture.save(tmp, format=image_format, **({"quality": 90} if image_format == "JPEG" else {}))
 
 
 def _slug(text: str) -> str:
