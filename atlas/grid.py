@@ -81,6 +81,34 @@ def bin_layout(xy: np.ndarray, size: int) -> np.ndarray:
     return column_row[:, 1] * size + column_row[:, 0]
 
 
+def cosine_to_direction(acts: Any, grids: Sequence["Grid"]) -> list[np.ndarray]:
+    """For each grid, every member's cosine to its cell's direction, aligned with `grid.index`.
+
+    Args:
+        acts: (n, C) activations, array or h5py dataset, read once in float32 blocks for all grids.
+        grids: grids over the same samples.
+
+    Returns:
+        one (nnz,) float32 array per grid.
+    """
+    n = len(acts)
+    slots, units, out = [], [], []
+    for grid in grids:
+        slot = np.full(n, -1, np.int64)
+        slot[grid.index] = np.repeat(np.arange(len(grid)), np.diff(grid.indptr))
+        direction = grid.direction.astype(np.float32)
+        slots.append(slot)
+        units.append(direction / np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12))
+        out.append(np.zeros(n, np.float32))
+    for start, block in iter_blocks(acts):
+        norms = np.maximum(np.linalg.norm(block, axis=1), 1e-12)
+        for slot, unit, cosine in zip(slots, units, out):
+            cells = slot[start:start + len(block)]
+            rows = np.flatnonzero(cells >= 0)
+            cosine[start + rows] = np.einsum("ij,ij->i", block[rows], unit[cells[rows]]) / norms[rows]
+    return [cosine[grid.index] for grid, cosine in zip(grids, out)]
+
+
 def top_classes(attr_mean: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k classes with the largest mean attribution per cell, largest first.
 

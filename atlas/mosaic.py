@@ -43,8 +43,8 @@ from .artifacts import atomic_path, fingerprint
 from .config import Config
 from .corpus import BadImage, load_image
 from .errors import AtlasError
-from .grid import GRID_NAME, Grid, grid_fingerprint, load_class_names, load_grid
-from .layout import iter_blocks, open_activations
+from .grid import GRID_NAME, Grid, cosine_to_direction, grid_fingerprint, load_class_names, load_grid
+from .layout import open_activations
 
 ICONS_JSON = "icons.json"
 FINGERPRINT_KEY = "atlas-fingerprint"
@@ -336,20 +336,7 @@ def member_cosine(acts: Any, grid: Grid) -> np.ndarray:
     Returns:
         (nnz,) float32.
     """
-    direction = grid.direction.astype(np.float32)
-    direction = direction / np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
-    slot = np.full(len(acts), -1, np.int64)
-    slot[grid.index] = np.repeat(np.arange(len(grid)), np.diff(grid.indptr))
-    cosine = np.zeros(len(acts), np.float32)
-    for start, block in iter_blocks(acts):
-        cells = slot[start:start + len(block)]
-        rows = np.flatnonzero(cells >= 0)
-        if len(rows) == 0:
-            continue
-        a = block[rows]
-        norm = np.maximum(np.linalg.norm(a, axis=1), 1e-12)
-        cosine[start + rows] = np.einsum("ij,ij->i", a, direction[cells[rows]]) / norm
-    return cosine[grid.index]
+    return cosine_to_direction(acts, [grid])[0]
 
 
 # ---------------------------------------------------------------------------------------------

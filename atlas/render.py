@@ -49,8 +49,8 @@ from . import optvis
 from .artifacts import atomic_path, fingerprint, prepare_work_dir, read_fingerprint
 from .config import Config, RenderConfig
 from .errors import AtlasError
-from .grid import GRID_NAME, Grid, grid_fingerprint, load_grid
-from .layout import ACTIVATIONS_NAME, iter_blocks
+from .grid import GRID_NAME, Grid, cosine_to_direction, grid_fingerprint, load_grid
+from .layout import ACTIVATIONS_NAME
 from .models import load_model
 from .runtime import keep_freed_memory, pick_device
 
@@ -146,23 +146,8 @@ def member_cosines(acts: Any, grids: Sequence[Grid]) -> list[np.ndarray]:
         acts: (n, C) activations, array or h5py dataset (read once, in float32 blocks).
         grids: grids over the same samples.
     """
-    n = len(acts)
-    cell_of = []
-    for grid in grids:
-        row_cell = np.full(n, -1, np.int64)
-        row_cell[grid.index] = np.repeat(np.arange(len(grid)), np.diff(grid.indptr))
-        cell_of.append(row_cell)
-    cos = [np.full(n, np.nan, np.float32) for _ in grids]
-    units = [g.direction / np.maximum(np.linalg.norm(g.direction, axis=1, keepdims=True), 1e-12) for g in grids]
-    for start, block in iter_blocks(acts):
-        norms = np.maximum(np.linalg.norm(block, axis=1), 1e-12)
-        for row_cell, unit, out in zip(cell_of, units, cos):
-            cells = row_cell[start:start + len(block)]
-            kept = cells >= 0
-            out[start:start + len(block)][kept] = np.einsum("ij,ij->i", block[kept], unit[cells[kept]]) / norms[kept]
     result = []
-    for grid, values in zip(grids, cos):
-        members = values[grid.index]
+    for grid, members in zip(grids, cosine_to_direction(acts, grids)):
         result.append(np.array([np.median(members[a:b]) for a, b in zip(grid.indptr[:-1], grid.indptr[1:])],
                                np.float32))
     return result
