@@ -87,6 +87,24 @@ def _disable_inplace(model: nn.Module) -> None:
             module.inplace = False
 
 
+def _trace_through(module: fx.GraphModule) -> fx.GraphModule:
+    """The graph with the requested layers deeper than its cut traced through.
+
+    Those layers are single call_module nodes in a rest-of-network graph (so the network can be
+    cut at them too), but the tangent rules need the operations inside them. Returns the graph
+    unchanged when it cannot be traced again (the tangents then take the vmap(jvp) route).
+    """
+    try:
+        traced = fx.symbolic_trace(module)
+    except Exception:  # fx raises many types for untraceable Python control flow
+        return module
+    for node in traced.graph.nodes:
+        if node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    traced.recompile()
+    return traced
+
+
 class _LeafTracer(fx.Tracer):
     """Traces through containers but keeps the requested layers as single call_module nodes."""
 
@@ -236,7 +254,7 @@ class LayerTap:
         index = {node: i for i, node in enumerate(self._saved)}
         saved = [tap.saved[index[n]] for n in self._rest_inputs[layer]]
         if layer not in self._tangent_graphs:
-            self._tangent_graphs[layer] = TangentGraph(self.rest[layer])
+            self._tangent_graphs[layer] = TangentGraph(_trace_through(self.rest[layer]))
         engine = self._tangent_graphs[layer]
         per_pass = max(1, chunk // max(b, 1))
         if engine.supported:

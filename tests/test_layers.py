@@ -138,3 +138,15 @@ def test_in_place_activation_after_a_layer_does_not_overwrite_it():
     with torch.no_grad():
         acts = tap.run(torch.randn(1, 3, 64, 64), logits=True).acts["layer1.0.bn1"]
     assert acts.min() < 0  # still the BatchNorm output, not its ReLU
+
+
+def test_attribution_with_several_layers_takes_the_tangent_rules_through_the_deeper_ones(net):
+    """The rest graph of blocks.0 holds blocks.2 as one call; it is traced through, not left to vmap."""
+    x = torch.randn(2, 3, 16, 16)
+    yx = torch.tensor([[[2, 3], [4, 4]], [[1, 1], [6, 5]]])
+    both = LayerTap(net, ["blocks.0", "blocks.2"])
+    out = both.run(x, logits=True)
+    attr = both.attribute("blocks.0", out, yx)
+    assert both._tangent_graphs["blocks.0"].supported
+    alone = LayerTap(net, ["blocks.0"])
+    torch.testing.assert_close(attr, alone.attribute("blocks.0", alone.run(x, logits=True), yx), rtol=1e-5, atol=1e-6)
