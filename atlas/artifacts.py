@@ -23,7 +23,7 @@ from . import __version__
 
 
 def to_jsonable(value: Any) -> Any:
-    """Turns dataclasses, paths, tuples and numpy scalars into plain JSON values."""
+    """Turns dataclasses, paths, tuples, numpy arrays and scalars into plain JSON values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
@@ -32,6 +32,8 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if getattr(value, "ndim", 0) > 0 and hasattr(value, "tolist"):  # numpy array (an HDF5 list attribute)
+        return to_jsonable(value.tolist())
     if hasattr(value, "item") and callable(value.item):  # numpy scalar
         return value.item()
     return value

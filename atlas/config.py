@@ -71,6 +71,10 @@ class LayoutConfig:
     seed: int = 0  # seeds UMAP and the subsamples
     trust_samples: int = 2000  # samples used to report trustworthiness; 0 = skip it
     trust_neighbors: int = 10  # neighbourhood size of the trustworthiness score
+    classes: tuple[str, ...] = ()  # a class atlas per class (name, wnid or output index): the samples ranking it first plus the class_top most attributed to it
+    pairs: tuple[tuple[str, ...], ...] = ()  # two-class views [[a, b], ...]: x = attribution to b minus to a, y = a 1-D layout
+    class_top: int = 2000  # samples most attributed to the class added to its class atlas (and to a pair's view)
+    focus_layers: tuple[str, ...] = ()  # layers that get the class atlases and two-class views; empty = every layer
 
     def validate(self) -> None:
         _check(self.n_neighbors >= 2, "layout.n_neighbors must be >= 2")
@@ -83,6 +87,10 @@ class LayoutConfig:
         _check(self.margin >= 0, "layout.margin must be >= 0")
         _check(self.trust_samples >= 0, "layout.trust_samples must be >= 0")
         _check(self.trust_neighbors >= 1, "layout.trust_neighbors must be >= 1")
+        _check(self.class_top >= 0, "layout.class_top must be >= 0")
+        for pair in self.pairs:
+            _check(len(pair) == 2, f"layout.pairs: each entry must be two classes like [\"snorkel\", \"scuba diver\"], "
+                   f"got {list(pair)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +116,7 @@ class RenderConfig:
     """How each grid cell's icon is optimised (the `[render]` table)."""
 
     sizes: tuple[int, ...] = ()  # grid sizes to render icons for; empty = every size in grid.sizes
+    sizes_for: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per map (layer or focus-map name): its own list of sizes instead of render.sizes, e.g. {"blocks.10" = [10, 20]}
     icon_size: int = 64  # icon side in pixels (the article: 80)
     steps: int = 256  # optimisation steps per icon (the article: 512-1024)
     attempts: int = 1  # optimise this many candidates per cell and keep the best
@@ -125,6 +134,14 @@ class RenderConfig:
 
     def validate(self) -> None:
         _check(all(s >= 1 for s in self.sizes), "render.sizes must list positive grid sizes")
+        for name, sizes in self.sizes_for.items():
+            _check(isinstance(sizes, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                                            for s in sizes),
+                   f"render.sizes_for.{name} must be a list of grid sizes, e.g. [10, 20]")
+
+    def sizes_of(self, name: str, grid_sizes: Sequence[int]) -> tuple[int, ...]:
+        """The grid sizes to render for one map (`sizes_for`, else `sizes`, else all of grid.sizes)."""
+        return tuple(self.sizes_for.get(name, ()) or self.sizes or grid_sizes)
         _check(self.icon_size >= 16, "render.icon_size must be >= 16 pixels")
         _check(self.steps >= 1, "render.steps must be >= 1")
         _check(self.attempts >= 1, "render.attempts must be >= 1")
@@ -180,8 +197,12 @@ class Config:
         _check(len(set(self.layers)) == len(self.layers), "layers lists a layer twice")
         for stage in (self.collect, self.layout, self.grid, self.render, self.mosaic):
             stage.validate()
-        missing = [s for s in self.render.sizes if s not in self.grid.sizes]
+        asked = list(self.render.sizes) + [s for sizes in self.render.sizes_for.values() for s in sizes]
+        missing = sorted({s for s in asked if s not in self.grid.sizes})
         _check(not missing, f"render.sizes {missing} are not in grid.sizes {list(self.grid.sizes)}")
+        stray = [name for name in self.layout.focus_layers if name not in self.layers]
+        if stray:
+            raise AtlasError(f"layout.focus_layers names {stray[0]!r}, which is not in layers {list(self.layers)}")
         _check(not self.render.whiten or self.grid.whiten,
                "render.whiten = true needs grid.whiten = true (the whitened directions come from the grid stage)")
 
@@ -381,6 +402,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

@@ -21,9 +21,13 @@ Writes `RUN/grid.h5`, for every layer and every grid size N in `grid.sizes`:
   kept cells); of `/<layer>/whitening`: `eps`, `n_samples`.
 - `/classes/name` (n_classes,) str and `/classes/wnid` (n_classes,) str, copied from
   activations.h5 when present, so labels can be named from grid.h5 alone.
+- focus maps (class atlases, two-class views; see atlas.focus): the same datasets under
+  `/<layer>/class-<slug>/<N>/` and `/<layer>/pair-<a>-<b>/<N>/`, binned from their own layout;
+  their `index` holds rows of the layer's `/layers/<layer>/acts` like a layer's own grid, and their
+  `direction_whitened` uses the layer's `whitening`.
 - file attrs: `stage`="grid", `fingerprint`, `inputs` (layout.h5's fingerprint),
-  `activations_fingerprint`, `config` (JSON), `atlas_version`, `layers` (JSON list), `sizes` (JSON
-  list), `complete`=True.
+  `activations_fingerprint`, `config` (JSON), `atlas_version`, `layers` (JSON list), `maps` (JSON
+  list, as in layout.h5), `sizes` (JSON list), `complete`=True.
 
 Activations and attributions are read in float32 blocks, so memory stays bounded by the block size
 and the cells' sums.
@@ -32,6 +36,7 @@ and the cells' sums.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,9 +47,10 @@ import h5py
 import numpy as np
 
 from .artifacts import atomic_path, fingerprint, is_up_to_date, read_fingerprint, write_provenance
-from .config import Config
+from .config import Config, GridConfig
 from .errors import AtlasError
-from .layout import LAYOUT_NAME, iter_blocks, layout_fingerprint, open_activations
+from .focus import MapSpec, maps_to_json, read_classes, read_maps
+from .layout import LAYOUT_NAME, iter_blocks, layout_fingerprint, open_activations, take_rows
 
 GRID_NAME = "grid.h5"
 
@@ -188,6 +194,19 @@ class Grid:
     def __len__(self) -> int:
         return len(self.count)
 
+    def digest(self) -> str:
+        """A hash of what the grid's icons depend on: the cells and their (whitened) directions.
+
+        Icons are reused while it stays the same, even when grid.h5 is rewritten (for a new layer,
+        focus map or grid size elsewhere in the run).
+        """
+        h = hashlib.sha256(str(self.size).encode())
+        for array in (self.cell, self.direction, self.direction_whitened):
+            if array is not None:
+                h.update(str(array.dtype).encode() + str(array.shape).encode())
+                h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()[:20]
+
     def members(self, i: int) -> np.ndarray:
         """(count[i],) int64 sample rows of cell i."""
         return self.index[self.indptr[i]:self.indptr[i + 1]]
@@ -287,7 +306,7 @@ def grid_cells_multi(xy: np.ndarray, acts: Any, attr: Any | None, sizes: Iterabl
     for what, source in (("direction", acts), ("attr", attr)):
         if source is None:
             continue
-        sums = _sum_by_cell(source, slots, [len(grids[s]) for s in sizes])
+        sums = sum_by_cell(source, slots, [len(grids[s]) for s in sizes])
         for size, total in zip(sizes, sums):
             grid = grids[size]
             mean = (total / grid.count[:, None]).astype(np.float32)
@@ -300,7 +319,7 @@ def grid_cells_multi(xy: np.ndarray, acts: Any, attr: Any | None, sizes: Iterabl
     return grids
 
 
-def _sum_by_cell(values: Any, slots: Sequence[np.ndarray], n_cells: Sequence[int]) -> list[np.ndarray]:
+def sum_by_cell(values: Any, slots: Sequence[np.ndarray], n_cells: Sequence[int]) -> list[np.ndarray]:
     """Sums the rows of `values` per cell for several assignments, in one pass over the rows.
 
     Each block's rows are sorted by cell and reduced with `np.add.reduceat`, so the cost is a
@@ -329,7 +348,7 @@ def _sum_by_cell(values: Any, slots: Sequence[np.ndarray], n_cells: Sequence[int
 class GridSet:
     """`RUN/grid.h5`: every layer's grids, optional whitening, the class names, provenance."""
 
-    grids: dict[str, dict[int, Grid]]  # layer -> size -> Grid, in config order
+    grids: dict[str, dict[int, Grid]]  # map name (a layer, or a focus map) -> size -> Grid, in the order of `maps`
     whitening: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # layer -> (C, C) float32 S
     class_names: list[str] | None = None  # (n_classes,) names, when the model has known classes
     class_wnids: list[str] | None = None  # (n_classes,) WordNet ids, when known
@@ -338,6 +357,7 @@ class GridSet:
     activations_fingerprint: str = ""  # fingerprint of the activations.h5 it was made from
     config: Any = None  # the run config (JSON-able)
     whiten_eps: float = 0.0  # ridge used for `whitening`
+    maps: list[MapSpec] = dataclasses.field(default_factory=list)  # what each map is; default: one per layer
 
     def save(self, path: str | Path) -> None:
         """Writes grid.h5 to `path` (not atomically; `run` wraps this in `atomic_path`)."""
@@ -347,7 +367,7 @@ class GridSet:
                 _write_layer(h5, layer, grids, self.whitening.get(layer), self.whiten_eps)
             sizes = {s for grids in self.grids.values() for s in grids}
             _write_grid_provenance(h5, self.fingerprint, self.inputs, self.activations_fingerprint, self.config,
-                                   list(self.grids), sizes)
+                                   self.maps or [MapSpec(name, name) for name in self.grids], sizes)
 
     @classmethod
     def load(cls, path: str | Path) -> "GridSet":
@@ -356,32 +376,33 @@ class GridSet:
             grids: dict[str, dict[int, Grid]] = {}
             whitening: dict[str, np.ndarray] = {}
             eps = 0.0
-            for layer in json.loads(h5.attrs["layers"]):
+            maps = read_maps(h5)
+            for layer in (m.name for m in maps):
                 group = h5[layer]
                 sizes = sorted(int(k) for k in group if k.isdigit())
                 grids[layer] = {s: Grid.load(group[str(s)]) for s in sizes}
                 if "whitening" in group:
                     whitening[layer] = group["whitening"][()]
                     eps = float(group["whitening"].attrs["eps"])
-            names, wnids = _read_classes(h5)
+            names, wnids = read_classes(h5)
             return cls(grids, whitening, names, wnids, str(h5.attrs["fingerprint"]), str(h5.attrs["inputs"]),
-                       str(h5.attrs["activations_fingerprint"]), json.loads(h5.attrs["config"]), eps)
+                       str(h5.attrs["activations_fingerprint"]), json.loads(h5.attrs["config"]), eps, maps)
 
 
 def load_grid(path: str | Path, layer: str, size: int) -> Grid:
-    """Reads one layer's grid of one size from grid.h5."""
+    """Reads one map's grid of one size from grid.h5 (`layer` is a layer or a focus map's name)."""
     with h5py.File(path, "r") as h5:
         key = f"{layer}/{size}"
-        if key not in h5:
-            have = {name: sorted(int(k) for k in h5[name] if k.isdigit()) for name in json.loads(h5.attrs["layers"])}
-            raise AtlasError(f"{path} has no {size}x{size} grid for layer {layer!r}; it has {have}")
+        if key not in h5 or "cell" not in h5[key]:
+            have = {m.name: sorted(int(k) for k in h5[m.name] if k.isdigit()) for m in read_maps(h5) if m.name in h5}
+            raise AtlasError(f"{path} has no {size}x{size} grid for {layer!r}; it has {have}")
         return Grid.load(h5[key])
 
 
 def load_class_names(path: str | Path) -> list[str] | None:
     """The class names stored in grid.h5 (or activations.h5), or None when the classes are unknown."""
     with h5py.File(path, "r") as h5:
-        return _read_classes(h5)[0]
+        return read_classes(h5)[0]
 
 
 def _write_classes(h5: h5py.File, names: Sequence[str] | None, wnids: Sequence[str] | None) -> None:
@@ -391,17 +412,12 @@ def _write_classes(h5: h5py.File, names: Sequence[str] | None, wnids: Sequence[s
             h5.create_dataset(f"classes/{key}", data=np.array(list(values), dtype=object), dtype=str_dt)
 
 
-def _read_classes(h5: h5py.File) -> tuple[list[str] | None, list[str] | None]:
-    def read(key: str) -> list[str] | None:
-        return list(h5[key].asstr()[()]) if key in h5 else None
-
-    return read("classes/name"), read("classes/wnid")
-
-
 def _write_grid_provenance(h5: h5py.File, fp: str, layout_fp: str, acts_fp: str, config: Any,
-                           layers: Sequence[str], sizes: Iterable[int]) -> None:
+                           maps: Sequence[MapSpec], sizes: Iterable[int]) -> None:
     write_provenance(h5, stage="grid", fingerprint_=fp, config=config, inputs=layout_fp,
-                     activations_fingerprint=acts_fp, layers=list(layers), sizes=sorted(set(sizes)))
+                     activations_fingerprint=acts_fp, layers=list(dict.fromkeys(m.layer for m in maps)),
+                     sizes=sorted(set(sizes)))
+    h5.attrs["maps"] = maps_to_json(maps)
     h5.attrs["complete"] = True
 
 
@@ -431,7 +447,7 @@ class GridSummary:
 
     skipped: bool  # True when grid.h5 was up to date
     path: Path  # RUN/grid.h5
-    cells: dict[str, dict[int, int]]  # layer -> size -> cells kept
+    cells: dict[str, dict[int, int]]  # map name -> size -> cells kept
     seconds: float
 
 
@@ -463,37 +479,54 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     cells: dict[str, dict[int, int]] = {}
     with h5py.File(acts_path, "r") as acts_h5, h5py.File(layout_path, "r") as layout_h5, \
             atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
-        names, wnids = _read_classes(acts_h5)
+        names, wnids = read_classes(acts_h5)
         _write_classes(out, names, wnids)
-        for layer in config.layers:
-            if layer == "classes":
+        maps = read_maps(layout_h5)
+        whitening: dict[str, np.ndarray] = {}
+        for m in maps:
+            if m.layer == "classes":
                 raise AtlasError("a layer named 'classes' clashes with grid.h5's /classes group")
-            if f"layers/{layer}/acts" not in acts_h5 or f"{layer}/xy" not in layout_h5:
-                raise AtlasError(f"layer {layer!r} is missing from {acts_path.name} or {layout_path.name}; "
+            if f"layers/{m.layer}/acts" not in acts_h5 or f"{m.name}/xy" not in layout_h5:
+                raise AtlasError(f"{m.name!r} is missing from {acts_path.name} or {layout_path.name}; "
                                  f"run `atlas collect {run_dir}` and `atlas layout {run_dir}` again")
-            group = acts_h5[f"layers/{layer}"]
-            xy = layout_h5[f"{layer}/xy"][()]
-            attr = group["attr"] if "attr" in group else None
             t_layer = time.perf_counter()
             try:
-                grids = grid_cells_multi(xy, group["acts"], attr, g.sizes, g.min_count, g.top_classes)
-                whitening = whitening_matrix(group["acts"], g.whiten_eps) if g.whiten else None
+                grids, n = _grid_map(acts_h5[f"layers/{m.layer}"], layout_h5[m.name], g)
+                if g.whiten and m.layer not in whitening:
+                    whitening[m.layer] = whitening_matrix(acts_h5[f"layers/{m.layer}/acts"], g.whiten_eps)
             except AtlasError as exc:
-                raise AtlasError(f"grid of layer {layer!r}: {exc}") from None
-            if whitening is not None:
+                raise AtlasError(f"grid of {'map' if m.kind != 'layer' else 'layer'} {m.name!r}: {exc}") from None
+            if g.whiten:
                 for grid in grids.values():
-                    grid.direction_whitened = whiten_directions(grid.direction, whitening)
-            _write_layer(out, layer, grids, whitening, g.whiten_eps)
-            cells[layer] = {size: len(grid) for size, grid in grids.items()}
-            log(_layer_line(layer, grids, len(xy), time.perf_counter() - t_layer))
-        _write_grid_provenance(out, fp, layout_fp, acts_fp, config, config.layers, g.sizes)
+                    grid.direction_whitened = whiten_directions(grid.direction, whitening[m.layer])
+            # the whitening matrix is the layer's (all its samples), stored once in the layer's group
+            _write_layer(out, m.name, grids, whitening.get(m.layer) if m.kind == "layer" else None, g.whiten_eps)
+            cells[m.name] = {size: len(grid) for size, grid in grids.items()}
+            log(_layer_line(m.name, grids, n, time.perf_counter() - t_layer))
+        _write_grid_provenance(out, fp, layout_fp, acts_fp, config, maps, g.sizes)
     seconds = time.perf_counter() - t0
-    log(f"grid: {len(cells)} layer(s), sizes {', '.join(map(str, g.sizes))} in {seconds:.1f} s; wrote {out_path} "
+    log(f"grid: {len(cells)} map(s), sizes {', '.join(map(str, g.sizes))} in {seconds:.1f} s; wrote {out_path} "
         f"({out_path.stat().st_size / 2**20:.1f} MiB)")
     return GridSummary(False, out_path, cells, seconds)
+
+
+def _grid_map(layer: h5py.Group, layout: h5py.Group, g: GridConfig) -> tuple[dict[int, Grid], int]:
+    """Bins one map: a layer's samples, or a focus map's subset of them (whose members are then
+    renumbered to the layer's sample rows). Returns the grids and the number of samples binned."""
+    xy = layout["xy"][()]
+    attr = layer["attr"] if "attr" in layer else None
+    if "rows" not in layout:
+        return grid_cells_multi(xy, layer["acts"], attr, g.sizes, g.min_count, g.top_classes), len(xy)
+    rows = layout["rows"][()]
+    acts = take_rows(layer["acts"], rows)
+    grids = grid_cells_multi(xy, acts, take_rows(attr, rows) if attr is not None else None, g.sizes, g.min_count,
+                             g.top_classes)
+    for grid in grids.values():
+        grid.index = rows[grid.index]  # ascending per cell still: rows is sorted
+    return grids, len(xy)
 
 
 def _layer_line(layer: str, grids: dict[int, Grid], n: int, seconds: float) -> str:
     parts = [f"{s}x{s} {len(grid)} cells ({100 * int(grid.indptr[-1]) / max(n, 1):.0f}% of samples)"
              for s, grid in grids.items()]
-    return f"grid: layer {layer}: {n} samples; " + ", ".join(parts) + f"; {seconds:.1f} s"
+    return f"grid: {'map' if '/' in layer else 'layer'} {layer}: {n} samples; " + ", ".join(parts) + f"; {seconds:.1f} s"

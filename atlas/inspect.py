@@ -36,9 +36,10 @@ from .artifacts import atomic_path
 from .config import Config, load_config
 from .corpus import BadImage, load_image
 from .errors import AtlasError
+from .focus import find_class, read_maps
 from .grid import GRID_NAME, Grid, load_class_names, load_grid, top_classes
 from .layout import open_activations
-from .mosaic import _font, input_pixels, patch_box, window_patch, wrap_label
+from .mosaic import font, input_pixels, patch_box, window_patch, wrap_label
 from .receptive import ReceptiveField, box_for, receptive_field
 
 TILE_PX = 112  # side of one patch tile in the panel
@@ -112,22 +113,6 @@ def cells_for_class(attr: np.ndarray, c: int, k: int = 5) -> np.ndarray:
     return np.lexsort((np.arange(len(values)), -values))[:k]
 
 
-def find_class(query: str, class_names: Sequence[str] | None, wnids: Sequence[str] | None = None) -> int:
-    """The index of a class by name or WordNet id (case-insensitive); AtlasError with close matches."""
-    if not class_names:
-        raise AtlasError("this run's grid.h5 has no class names, so classes cannot be looked up by name")
-    key = query.strip().lower()
-    for pool in (class_names, wnids or []):
-        for i, name in enumerate(pool):
-            if str(name).lower() == key:
-                return i
-    lowered = [str(n).lower() for n in class_names]
-    close = difflib.get_close_matches(key, lowered, n=5, cutoff=0.6)
-    close += [n for n in lowered if key and key in n and n not in close][:5 - len(close)]
-    hint = f"; did you mean {', '.join(repr(class_names[lowered.index(c)]) for c in close)}?" if close else ""
-    raise AtlasError(f"unknown class {query!r}{hint}")
-
-
 def panel_boxes(n_tiles: int, has_icon: bool, header_lines: int, tile_px: int = TILE_PX
                 ) -> tuple[tuple[int, int], tuple[int, int, int, int] | None, list[tuple[int, int, int, int]]]:
     """Geometry of a panel: (height, width), the icon's box and each tile's box (left, top, right, bottom).
@@ -165,23 +150,23 @@ def compose_panel(header: Sequence[str], icon: np.ndarray | None, tiles: Sequenc
     (height, width), icon_box, boxes = panel_boxes(len(tiles), icon is not None, len(header), tile_px)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font(12)
-    measure = lambda s: draw.textlength(s, font=font)  # noqa: E731
+    face = font(12)
+    measure = lambda s: draw.textlength(s, font=face)  # noqa: E731
     for k, line in enumerate(header):
         draw.text((MARGIN, MARGIN + k * HEADER_LINE_PX), wrap_label(line, measure, width - 2 * MARGIN, 1)[0]
-                  if line else "", fill="black", font=font)
+                  if line else "", fill="black", font=face)
     if icon is not None and icon_box is not None:
         side = icon_box[2] - icon_box[0]
         canvas.paste(Image.fromarray(np.asarray(icon, np.uint8)).convert("RGB").resize((side, side),
                      Image.Resampling.NEAREST), icon_box[:2])
-        draw.text((icon_box[0], icon_box[3] + 2), "icon", fill="black", font=font)
+        draw.text((icon_box[0], icon_box[3] + 2), "icon", fill="black", font=face)
     for tile, caption, box in zip(tiles, captions, boxes):
         if tile is not None:
             canvas.paste(Image.fromarray(np.asarray(tile, np.uint8)), box[:2])
         else:
             draw.rectangle(box, outline="gray")
         for k, line in enumerate(wrap_label(caption, measure, tile_px, 2)):
-            draw.text((box[0], box[3] + 1 + k * 13), line, fill="black", font=font)
+            draw.text((box[0], box[3] + 1 + k * 13), line, fill="black", font=face)
     return np.asarray(canvas)
 
 
@@ -216,17 +201,27 @@ class _Run:
     acts_path: Path
     class_names: list[str] | None
     wnids: list[str] | None
+    map: str = ""  # the map shown: the layer, or one of its focus maps (`<layer>/class-<slug>`, ...)
+
+    def __post_init__(self) -> None:
+        self.map = self.map or self.layer
 
 
 def _open_run(run: str | Path, layer: str) -> _Run:
+    """Opens a run for one layer, or for one focus map given by name (then `layer` is its layer)."""
     if not Path(run).is_dir():
         raise AtlasError(f"run directory {run} not found; pass the run_dir of a config that `atlas run` has built")
     config = load_config(run)
+    name = layer
     if layer not in config.layers:
-        close = difflib.get_close_matches(layer, list(config.layers), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise AtlasError(f"unknown layer {layer!r} for run {config.run_dir}; {hint}the run has "
-                         f"{', '.join(config.layers)}")
+        maps = _focus_maps(config.run_dir / GRID_NAME)
+        if layer not in maps:
+            known = list(config.layers) + list(maps)
+            close = difflib.get_close_matches(layer, known, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise AtlasError(f"unknown layer {layer!r} for run {config.run_dir}; {hint}the run has "
+                             f"{', '.join(known)}")
+        layer = maps[layer]
     acts_path, _ = open_activations(config.run_dir)
     names = wnids = None
     with h5py.File(acts_path, "r") as h5:
@@ -236,14 +231,22 @@ def _open_run(run: str | Path, layer: str) -> _Run:
             names = list(h5["classes/name"].asstr()[()])
         if "classes/wnid" in h5:
             wnids = list(h5["classes/wnid"].asstr()[()])
-    return _Run(config, layer, acts_path, names, wnids)
+    return _Run(config, layer, acts_path, names, wnids, name)
+
+
+def _focus_maps(grid_path: Path) -> dict[str, str]:
+    """{focus map name: its layer} of a run's grid.h5 (empty without one)."""
+    if not grid_path.is_file():
+        return {}
+    with h5py.File(grid_path, "r") as h5:
+        return {m.name: m.layer for m in read_maps(h5) if m.kind != "layer"}
 
 
 def _open_grid(run: _Run, size: int) -> Grid:
     path = run.config.run_dir / GRID_NAME
     if not path.is_file():
         raise AtlasError(f"{path} not found; run `atlas grid {run.config.run_dir}` first")
-    grid = load_grid(path, run.layer, size)
+    grid = load_grid(path, run.map, size)
     names = load_class_names(path)
     if names is not None:
         run.class_names = names
@@ -355,7 +358,7 @@ def inspect_cell(run: _Run, grid: Grid, i: int, log=print) -> dict[str, Any]:
     tops = top_classes_text(grid.attr[i], run.class_names) if grid.attr is not None else []
     images = np.unique(member_images)
     mix = label_mix(labels[images], run.class_names)
-    icon_path = run.config.run_dir / run.layer / f"icons-{size}" / f"cell-{x}-{y}.png"
+    icon_path = run.config.run_dir / run.map / f"icons-{size}" / f"cell-{x}-{y}.png"
     icon = None
     if icon_path.is_file():
         try:
@@ -367,14 +370,14 @@ def inspect_cell(run: _Run, grid: Grid, i: int, log=print) -> dict[str, Any]:
     tiles, facts = _patches(run, rows, rf, geometry)
     for fact, c in zip(facts, cosines):
         fact["cosine"] = float(c)
-    header = [f"{run.layer}  grid {size}  cell ({x}, {y})  {int(grid.count[i])} samples from {len(images)} images",
+    header = [f"{run.map}  grid {size}  cell ({x}, {y})  {int(grid.count[i])} samples from {len(images)} images",
               "top classes: " + (", ".join(f"{n} {v:.3g}" for _, n, v in tops) if tops else "(no attribution)"),
               "labels: " + ", ".join(f"{n} x{c}" for _, n, c in mix)]
     panel = compose_panel(header, icon, tiles, [_caption(f, run, f"cos {f['cosine']:.2f}") for f in facts])
-    out_dir = run.config.run_dir / run.layer / "inspect"
+    out_dir = run.config.run_dir / run.map / "inspect"
     png = out_dir / f"cell-{size}-{x}-{y}.png"
     _write_png(panel, png)
-    info = {"layer": run.layer, "grid": size, "cell": [x, y], "count": int(grid.count[i]), "images": int(len(images)),
+    info = {"layer": run.layer, "map": run.map, "grid": size, "cell": [x, y], "count": int(grid.count[i]), "images": int(len(images)),
             "top_classes": [{"class": c, "name": n, "attribution": v} for c, n, v in tops],
             "label_mix": [{"label": c, "name": n, "images": k} for c, n, k in mix],
             "icon": str(icon_path) if icon is not None else None,
@@ -382,7 +385,7 @@ def inspect_cell(run: _Run, grid: Grid, i: int, log=print) -> dict[str, Any]:
             "members": facts, "panel": str(png)}
     with atomic_path(out_dir / f"cell-{size}-{x}-{y}.json") as tmp:
         tmp.write_text(json.dumps(info, indent=1))
-    log(f"cell ({x}, {y}) of the {size}x{size} grid of {run.layer}: {int(grid.count[i])} samples from "
+    log(f"cell ({x}, {y}) of the {size}x{size} grid of {run.map}: {int(grid.count[i])} samples from "
         f"{len(images)} images")
     log("  top classes (mean attribution): " +
         (", ".join(f"{n} {v:.4g}" for _, n, v in tops) if tops else "none (collected without attribution)"))
@@ -410,7 +413,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                              "use --cell I J")
         c = find_class(args.class_name, run.class_names, run.wnids)
         best = cells_for_class(grid.attr, c)
-        print(f"cells of the {grid.size}x{grid.size} grid of {run.layer} most attributed to "
+        print(f"cells of the {grid.size}x{grid.size} grid of {run.map} most attributed to "
               f"{class_name(c, run.class_names)!r}:")
         for j in best:
             print(f"  --cell {int(grid.cell[j, 0])} {int(grid.cell[j, 1])}  attribution {float(grid.attr[j, c]):.4g}"

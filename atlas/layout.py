@@ -14,8 +14,16 @@ Writes `RUN/layout.h5`:
   `margin` float, `trustworthiness` float (scikit-learn's, NaN when not computed),
   `trust_samples` int, `trust_neighbors` int, `umap_version` str, `fit_seconds` float,
   `transform_seconds` float.
+- focus maps (`layout.classes`, `layout.pairs`; see atlas.focus): `/<layer>/class-<slug>/` and
+  `/<layer>/pair-<a>-<b>/` hold `xy` for their own samples, `rows` (n,) int64 (the sorted rows of
+  `/layers/<layer>/acts` they lay out; row i of `xy` is sample `rows[i]`) and the attrs above plus
+  `kind` ("class" or "pair"), `classes`, `class_names`, `layer`, `class_top`. A two-class view's
+  x is the attribution difference (atlas.focus.pair_axis) and only its y comes from UMAP (1-D),
+  so its `trustworthiness` is that of y.
 - file attrs: `stage`="layout", `fingerprint`, `inputs` (the activations' fingerprint), `config`
-  (JSON), `atlas_version`, `layers` (JSON list, config order), `complete`=True.
+  (JSON), `atlas_version`, `layers` (JSON list, config order), `maps` (JSON list of
+  {name, layer, kind, classes, class_names}: the layers' own maps and the focus maps, in order),
+  `complete`=True.
 
 Method (Lucid's activation-atlas recipe): optional PCA, UMAP to 2-D with a fixed seed, fitted on
 at most `layout.fit_samples` random samples with the rest placed by the fitted model's `transform`,
@@ -40,6 +48,7 @@ import numpy as np
 from .artifacts import atomic_path, fingerprint, is_up_to_date, to_jsonable, write_provenance
 from .config import Config, LayoutConfig
 from .errors import AtlasError
+from .focus import MapSpec, class_rows, class_scores, maps_to_json, pair_axis, plan_maps, read_classes, read_maps
 
 ACTIVATIONS_NAME = "activations.h5"
 LAYOUT_NAME = "layout.h5"
@@ -207,8 +216,8 @@ def trustworthiness_of(acts: np.ndarray, xy: np.ndarray, n_neighbors: int = 10,
     return float(trustworthiness(acts, xy, n_neighbors=k, metric=metric))
 
 
-def reduce_to_2d(acts: Any, cfg: LayoutConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """Lays out activation samples in 2-D with UMAP and normalises the result to [0, 1].
+def reduce_to_2d(acts: Any, cfg: LayoutConfig, dims: int = 2) -> tuple[np.ndarray, dict[str, Any]]:
+    """Lays out activation samples in 2-D (or `dims`-D) with UMAP and normalises the result to [0, 1].
 
     Fits UMAP (after the optional PCA) on at most `cfg.fit_samples` samples drawn with
     `cfg.seed` and places the others with the fitted model's `transform`, `TRANSFORM_ROWS` at a
@@ -221,9 +230,10 @@ def reduce_to_2d(acts: Any, cfg: LayoutConfig) -> tuple[np.ndarray, dict[str, An
     Args:
         acts: (n, C) float16/float32 array or h5py dataset; read in float32 blocks.
         cfg: the `[layout]` config.
+        dims: output dimensions; 1 for the y axis of a two-class view.
 
     Returns:
-        xy: (n, 2) float32 in [0, 1].
+        xy: (n, dims) float32 in [0, 1].
         info: the reducer's parameters and trustworthiness (the keys listed in the module
             docstring).
     """
@@ -246,8 +256,8 @@ def reduce_to_2d(acts: Any, cfg: LayoutConfig) -> tuple[np.ndarray, dict[str, An
     n_fit = len(fit_idx)
     n_neighbors = min(cfg.n_neighbors, n_fit - 1)  # the documented fallback: UMAP needs k < n
     approximate = n * n_fit > EXACT_KNN_PAIRS
-    reducer = _make_umap(n_neighbors, cfg, approximate)
-    raw = np.empty((n, 2), np.float32)
+    reducer = _make_umap(n_neighbors, cfg, approximate, dims)
+    raw = np.empty((n, dims), np.float32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="n_jobs value .* overridden")  # we seed on purpose
         raw[fit_idx] = reducer.fit_transform(projection(fit_x) if projection else fit_x)
@@ -332,11 +342,11 @@ def reducer_version() -> str:
     return version("umap-learn")
 
 
-def _make_umap(n_neighbors: int, cfg: LayoutConfig, approximate: bool):
+def _make_umap(n_neighbors: int, cfg: LayoutConfig, approximate: bool, dims: int = 2):
     import umap
 
     # random_state makes UMAP single-threaded; that is the price of a reproducible layout
-    return umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=cfg.min_dist, metric=cfg.metric,
+    return umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=cfg.min_dist, metric=cfg.metric,
                      random_state=cfg.seed, transform_seed=cfg.seed, n_jobs=1,
                      force_approximation_algorithm=approximate)
 
@@ -347,45 +357,54 @@ def _make_umap(n_neighbors: int, cfg: LayoutConfig, approximate: bool):
 
 @dataclasses.dataclass
 class LayerLayout:
-    """The layout of one layer's samples."""
+    """The layout of one map: a layer's samples, or a focus map's subset of them."""
 
-    xy: np.ndarray  # (n, 2) float32 in [0, 1], row i = sample i of /layers/<layer>/acts
-    info: dict[str, Any]  # reducer parameters and trustworthiness (the attrs of /<layer>)
+    xy: np.ndarray  # (n, 2) float32 in [0, 1]; row i = sample rows[i] of /layers/<layer>/acts
+    info: dict[str, Any]  # reducer parameters and trustworthiness (the attrs of /<map>)
+    rows: np.ndarray | None = None  # (n,) int64 sorted sample rows of a focus map; None = all samples in order
 
 
 @dataclasses.dataclass
 class Layout:
-    """`RUN/layout.h5`: per-layer 2-D positions plus the provenance of the file."""
+    """`RUN/layout.h5`: per-map 2-D positions plus the provenance of the file."""
 
-    layers: dict[str, LayerLayout]  # in config order
+    layers: dict[str, LayerLayout]  # map name -> layout, in the order of `maps`
     fingerprint: str = ""  # this artifact's fingerprint (see `layout_fingerprint`)
     inputs: str = ""  # the fingerprint of the activations.h5 it was made from
     config: Any = None  # the run config it was made with (JSON-able)
+    maps: list[MapSpec] = dataclasses.field(default_factory=list)  # what each map is; default: one per layer
 
     def save(self, path: str | Path) -> None:
         """Writes the layout to `path` (not atomically; `run` wraps this in `atomic_path`)."""
+        maps = self.maps or [MapSpec(name, name) for name in self.layers]
         with h5py.File(path, "w") as h5:
             for name, layer in self.layers.items():
-                group = h5.create_group(name)
+                group = h5.require_group(name)  # a focus map's group sits inside its layer's
                 group.create_dataset("xy", data=np.asarray(layer.xy, dtype=np.float32))
+                if layer.rows is not None:
+                    group.create_dataset("rows", data=np.asarray(layer.rows, dtype=np.int64))
                 for key, value in layer.info.items():
                     group.attrs[key] = value
             write_provenance(h5, stage="layout", fingerprint_=self.fingerprint, config=self.config,
-                             inputs=self.inputs, layers=list(self.layers))
+                             inputs=self.inputs, layers=list(dict.fromkeys(m.layer for m in maps)))
+            h5.attrs["maps"] = maps_to_json(maps)
             h5.attrs["complete"] = True
 
     @classmethod
     def load(cls, path: str | Path, layers: Sequence[str] | None = None) -> "Layout":
-        """Reads a layout file (all layers, or the named ones)."""
+        """Reads a layout file (all maps, or the named ones)."""
         with h5py.File(path, "r") as h5:
-            names = layers if layers is not None else json.loads(h5.attrs["layers"])
+            maps = read_maps(h5)
+            names = layers if layers is not None else [m.name for m in maps]
             out = {}
             for name in names:
-                if name not in h5:
+                if name not in h5 or "xy" not in h5[name]:
                     raise AtlasError(f"{path} has no layer {name!r}; run `atlas layout` for this config")
                 group = h5[name]
-                out[name] = LayerLayout(group["xy"][:], {k: to_jsonable(v) for k, v in group.attrs.items()})
-            return cls(out, str(h5.attrs["fingerprint"]), str(h5.attrs["inputs"]), json.loads(h5.attrs["config"]))
+                rows = group["rows"][()] if "rows" in group else None
+                out[name] = LayerLayout(group["xy"][:], {k: to_jsonable(v) for k, v in group.attrs.items()}, rows)
+            return cls(out, str(h5.attrs["fingerprint"]), str(h5.attrs["inputs"]), json.loads(h5.attrs["config"]),
+                       [m for m in maps if m.name in out])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,18 +438,21 @@ class LayoutSummary:
 
     skipped: bool  # True when layout.h5 was up to date
     path: Path  # RUN/layout.h5
-    samples: dict[str, int]  # samples laid out per layer
-    trustworthiness: dict[str, float]  # per layer (NaN when not computed)
+    samples: dict[str, int]  # samples laid out per map
+    trustworthiness: dict[str, float]  # per map (NaN when not computed)
     seconds: float
 
 
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> LayoutSummary:
     """Runs the layout stage: RUN/activations.h5 -> RUN/layout.h5, skipped when up to date.
 
+    Lays out every layer, then each layer's class atlases and two-class views (`layout.classes`,
+    `layout.pairs`; see atlas.focus).
+
     Args:
         config: the run's config (`config.layout`, `config.layers`, `config.run_dir`).
         force: redo the layout even when layout.h5 is up to date.
-        log: receives one line per layer and one overall.
+        log: receives one line per map and one overall.
     """
     t0 = time.perf_counter()
     acts_path, acts_fp = open_activations(config.run_dir)
@@ -440,8 +462,10 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         log(f"layout: up to date, skipped ({out_path})")
         return LayoutSummary(True, out_path, {}, {}, 0.0)
 
+    cfg = config.layout
     layers: dict[str, LayerLayout] = {}
     with h5py.File(acts_path, "r") as h5:
+        maps = plan_maps(config.layers, cfg.classes, cfg.pairs, *read_classes(h5), cfg.focus_layers)
         for name in config.layers:
             key = f"layers/{name}/acts"
             if key not in h5:
@@ -449,24 +473,65 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
                                  "with this config")
             t_layer = time.perf_counter()
             try:
-                xy, info = reduce_to_2d(h5[key], config.layout)
+                xy, info = reduce_to_2d(h5[key], cfg)
             except AtlasError as exc:
                 raise AtlasError(f"layout of layer {name!r}: {exc}") from None
             layers[name] = LayerLayout(xy, info)
             log(_layer_line(name, info, time.perf_counter() - t_layer))
+            focus = [m for m in maps if m.layer == name and m.kind != "layer"]
+            if focus:
+                layers.update(layout_focus_maps(h5[f"layers/{name}"], focus, cfg, log))
 
     with atomic_path(out_path) as tmp:
-        Layout(layers, fp, acts_fp, config).save(tmp)
+        Layout(layers, fp, acts_fp, config, maps).save(tmp)
     seconds = time.perf_counter() - t0
-    total = sum(len(layer.xy) for layer in layers.values())
-    log(f"layout: {len(layers)} layer(s), {total} samples in {seconds:.1f} s; wrote {out_path} "
+    total = sum(len(layers[n].xy) for n in config.layers)
+    extra = f" and {len(maps) - len(config.layers)} focus map(s)" if len(maps) > len(config.layers) else ""
+    log(f"layout: {len(config.layers)} layer(s){extra}, {total} samples in {seconds:.1f} s; wrote {out_path} "
         f"({out_path.stat().st_size / 2**20:.1f} MiB)")
     return LayoutSummary(False, out_path, {k: len(v.xy) for k, v in layers.items()},
                          {k: v.info["trustworthiness"] for k, v in layers.items()}, seconds)
 
 
+def layout_focus_maps(group: h5py.Group, maps: Sequence[MapSpec], cfg: LayoutConfig,
+                      log: Callable[[str], None]) -> dict[str, LayerLayout]:
+    """Lays out one layer's class atlases and two-class views (see atlas.focus).
+
+    Args:
+        group: the layer's `/layers/<layer>` group of activations.h5 (`acts`, `attr`).
+        maps: the layer's focus maps.
+        cfg: the `[layout]` config (`class_top` and the UMAP settings).
+    """
+    layer = maps[0].layer
+    if "attr" not in group:
+        raise AtlasError(f"layout.classes and layout.pairs need each sample's attribution, which layer {layer!r} "
+                         "lacks; collect with collect.attribution = true")
+    columns = sorted({c for m in maps for c in m.classes})
+    top, scores = class_scores(group["attr"], columns)
+    selected = {c: class_rows(top, scores[:, columns.index(c)], c, cfg.class_top) for c in columns}
+    out = {}
+    for m in maps:
+        t_map = time.perf_counter()
+        rows = selected[m.classes[0]] if m.kind == "class" else np.union1d(*(selected[c] for c in m.classes))
+        try:
+            if m.kind == "class":
+                xy, info = reduce_to_2d(take_rows(group["acts"], rows), cfg)
+            else:
+                y, info = reduce_to_2d(take_rows(group["acts"], rows), cfg, dims=1)
+                a, b = (columns.index(c) for c in m.classes)
+                xy = np.column_stack([pair_axis(scores[rows, b] - scores[rows, a]), y[:, 0]]).astype(np.float32)
+        except AtlasError as exc:
+            raise AtlasError(f"layout of {m.name!r} ({len(rows)} samples for {' and '.join(m.class_names)}): {exc}; "
+                             "or raise layout.class_top") from None
+        info.update(kind=m.kind, classes=list(m.classes), class_names=list(m.class_names), layer=layer,
+                    class_top=cfg.class_top)
+        out[m.name] = LayerLayout(xy, info, rows)
+        log(_layer_line(m.name, info, time.perf_counter() - t_map))
+    return out
+
+
 def _layer_line(name: str, info: dict[str, Any], seconds: float) -> str:
-    parts = [f"layout: layer {name}: {info['n_samples']} samples"]
+    parts = [f"layout: {'map' if '/' in name else 'layer'} {name}: {info['n_samples']} samples"]
     if info["n_fit"] < info["n_samples"]:
         parts.append(f"fitted on {info['n_fit']}, rest placed by transform")
     if info["n_neighbors"] < info["n_neighbors_requested"]:

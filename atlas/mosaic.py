@@ -1,11 +1,12 @@
 """Mosaic stage: the atlas image of each grid, from the rendered icons or, as a preview, from image patches.
 
-Reads  `RUN/grid.h5` (cells, counts, directions, members, top classes, class names) and, per layer
-and grid size N:
+Reads  `RUN/grid.h5` (cells, counts, directions, members, top classes, class names) and, per map
+(each layer, and each focus map `<layer>/class-<slug>`, `<layer>/pair-<a>-<b>` of atlas.focus) and
+grid size N:
 - for the atlas: `RUN/<layer>/icons-<N>/icons.json` and its PNGs (the render stage's icons);
 - for the preview: `RUN/activations.h5` (`/images/path`, `/layers/<layer>/image`, `yx`, `acts`,
   attrs `layer_shapes` and `preprocess`) and the source images under `config.images`.
-Writes, atomically, into `RUN/<layer>/`:
+Writes, atomically, into `RUN/<map>/`:
 - `atlas-<N>.png`: one icon per kept cell, when `icons-<N>/icons.json` exists;
 - `atlas-preview-<N>.png` (when `mosaic.preview`): each cell shown by the mean of the image patches
   around its members' positions; needs no optimisation, so users can look before rendering;
@@ -43,6 +44,7 @@ from .artifacts import atomic_path, fingerprint
 from .config import Config
 from .corpus import BadImage, load_image
 from .errors import AtlasError
+from .focus import MapSpec, read_maps
 from .grid import GRID_NAME, Grid, cosine_to_direction, grid_fingerprint, load_class_names, load_grid
 from .layout import open_activations
 
@@ -158,21 +160,21 @@ def draw_labels(canvas: np.ndarray, cells: np.ndarray, size: int, icon_px: int, 
     image = Image.fromarray(np.asarray(canvas, dtype=np.uint8)).convert("RGBA")
     if icon_px < min_px:
         return np.asarray(image.convert("RGB"))
-    font = _font(max(9, icon_px // 6))
-    line_h = _text_height(font) + 1
+    face = font(max(9, icon_px // 6))
+    line_h = text_height(face) + 1
     overlay = Image.new("RGBA", image.size, (255, 255, 255, 0))
     draw = ImageDraw.Draw(overlay)
     for (left, top), text in zip(place_cells(cells, size, icon_px), labels):
         if not text:
             continue
-        lines = wrap_label(text, lambda s: draw.textlength(s, font=font), icon_px - 4, max_lines=2)
+        lines = wrap_label(text, lambda s: draw.textlength(s, font=face), icon_px - 4, max_lines=2)
         band = len(lines) * line_h + 2
         bottom = int(top) + icon_px
         draw.rectangle([int(left), bottom - band, int(left) + icon_px - 1, bottom - 1], fill=(255, 255, 255, 190))
         for k, line in enumerate(lines):
-            width = draw.textlength(line, font=font)
+            width = draw.textlength(line, font=face)
             x = int(left) + (icon_px - width) / 2
-            draw.text((x, bottom - band + 1 + k * line_h), line, font=font, fill=(0, 0, 0, 255))
+            draw.text((x, bottom - band + 1 + k * line_h), line, font=face, fill=(0, 0, 0, 255))
     return np.asarray(Image.alpha_composite(image, overlay).convert("RGB"))
 
 
@@ -202,14 +204,14 @@ def _cut(text: str, measure: Callable[[str], float], width: float) -> str:
     return text.rstrip() + "…"
 
 
-def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=px)  # scalable when Pillow has FreeType
     except (TypeError, ValueError, OSError):
         return ImageFont.load_default()
 
 
-def _text_height(font: Any) -> int:
+def text_height(font: Any) -> int:
     left, top, right, bottom = font.getbbox("Ag")
     return int(bottom)
 
@@ -358,7 +360,7 @@ class MosaicSummary:
 class _Job:
     """One image to (maybe) write: its path, fingerprint and how to make its tiles."""
 
-    layer: str
+    layer: str  # the map's name: a layer or a focus map (`<layer>/class-<slug>`, `<layer>/pair-<a>-<b>`)
     size: int
     kind: str  # "atlas" or "preview"
     path: Path
@@ -366,6 +368,7 @@ class _Job:
     labels_path: Path | None  # the labelled copy, when mosaic.labels
     labels_fingerprint: str
     icons_dir: Path | None = None
+    source: str = ""  # the layer whose samples the map shows (activations.h5 `/layers/<source>`)
 
 
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> MosaicSummary:
@@ -386,9 +389,9 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     mc = config.mosaic
     run_dir = config.run_dir
     grid_path = run_dir / GRID_NAME
-    grid_fp = _check_grid(config, grid_path)
+    grid_fp, maps = _check_grid(config, grid_path)
     px = mc.icon_px or config.render.icon_size
-    jobs = _plan(config, grid_fp, px, log)
+    jobs = _plan(config, grid_fp, maps, px, log)
     class_names = load_class_names(grid_path) if mc.labels else None
 
     if not jobs:
@@ -433,8 +436,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     return summary
 
 
-def _check_grid(config: Config, grid_path: Path) -> str:
-    """Returns grid.h5's fingerprint, or raises AtlasError if it is missing, incomplete or stale."""
+def _check_grid(config: Config, grid_path: Path) -> tuple[str, list[MapSpec]]:
+    """Returns grid.h5's fingerprint and maps, or raises AtlasError if it is missing, incomplete or stale."""
     run_dir = config.run_dir
     if not grid_path.is_file():
         raise AtlasError(f"{grid_path} not found; run `atlas grid {run_dir}` first")
@@ -445,6 +448,7 @@ def _check_grid(config: Config, grid_path: Path) -> str:
             layout_fp = str(h5.attrs.get("inputs", ""))
             acts_fp = str(h5.attrs.get("activations_fingerprint", ""))
             layers = set(json.loads(h5.attrs.get("layers", "[]")))
+            maps = read_maps(h5)
     except (OSError, ValueError) as exc:
         raise AtlasError(f"cannot read {grid_path} ({exc}); run `atlas grid {run_dir}` again") from None
     if not complete or not fp:
@@ -452,39 +456,41 @@ def _check_grid(config: Config, grid_path: Path) -> str:
     if fp != grid_fingerprint(config, layout_fp, acts_fp) or not set(config.layers) <= layers:
         raise AtlasError(f"{grid_path} is out of date (made with another [grid] config or other layers); "
                          f"run `atlas grid {run_dir}` first")
-    return fp
+    return fp, maps
 
 
-def _plan(config: Config, grid_fp: str, px: int, log: Callable[[str], None]) -> list[_Job]:
+def _plan(config: Config, grid_fp: str, maps: Sequence[MapSpec], px: int, log: Callable[[str], None]) -> list[_Job]:
     """Every image this config asks for, with the fingerprint of what decides its pixels."""
     mc = config.mosaic
-    labels = mc.labels and _has_labels(config.run_dir / GRID_NAME, config.layers, config.grid.sizes)
+    grid_path = config.run_dir / GRID_NAME
+    labels = mc.labels and _has_labels(grid_path, [m.name for m in maps], config.grid.sizes)
     if mc.labels and not labels:
         log(f"mosaic: {GRID_NAME} has no class labels (collect.attribution = false); no labelled images")
     drawing = {"px": px, "scale_by_density": mc.scale_by_density,
                "density_floor": mc.density_floor if mc.scale_by_density else None}
     labelling = {"min_px": LABEL_MIN_PX, "version": 1}
     jobs = []
-    for layer in config.layers:
+    for m in maps:
+        layer = m.name
         folder = config.run_dir / layer
         for size in config.grid.sizes:
             icons_dir = folder / f"icons-{size}"
             if icons_dir.is_dir():
-                icons_fp = _icons_fingerprint(icons_dir, layer, size, grid_fp)
+                icons_fp = _icons_fingerprint(icons_dir, layer, size, load_grid(grid_path, layer, size).digest())
                 if icons_fp is None:
                     log(f"mosaic: {icons_dir} has no {ICONS_JSON} yet (render unfinished); atlas-{size}.png not drawn")
                     continue
                 fp = fingerprint("mosaic", layer, size, drawing, grid_fp, icons_fp)
                 jobs.append(_Job(layer, size, "atlas", folder / f"atlas-{size}.png", fp,
                                  folder / f"atlas-{size}-labels.png" if labels else None,
-                                 fingerprint("mosaic-labels", fp, labelling), icons_dir))
+                                 fingerprint("mosaic-labels", fp, labelling), icons_dir, m.layer))
             if mc.preview:
                 preview = {"members": mc.preview_members, "patch": mc.preview_patch, "images": str(config.images),
                            "max_image_pixels": config.collect.max_image_pixels, "version": 1}
                 fp = fingerprint("mosaic-preview", layer, size, drawing, preview, grid_fp)
                 jobs.append(_Job(layer, size, "preview", folder / f"atlas-preview-{size}.png", fp,
                                  folder / f"atlas-preview-{size}-labels.png" if labels else None,
-                                 fingerprint("mosaic-labels", fp, labelling)))
+                                 fingerprint("mosaic-labels", fp, labelling), source=m.layer))
     return jobs
 
 
@@ -494,17 +500,21 @@ def _has_labels(grid_path: Path, layers: Sequence[str], sizes: Sequence[int]) ->
         return all(f"{layer}/{size}/top_class" in h5 for layer in layers for size in sizes)
 
 
-def _icons_fingerprint(icons_dir: Path, layer: str, size: int, grid_fp: str) -> str | None:
-    """The fingerprint of a finished icons folder; None (with no error) while it has no icons.json."""
+def _icons_fingerprint(icons_dir: Path, layer: str, size: int, grid_digest: str) -> str | None:
+    """The fingerprint of a finished icons folder; None (with no error) while it has no icons.json.
+
+    `layer` is the map's name and `grid_digest` its grid's `Grid.digest()`.
+    """
     path = icons_dir / ICONS_JSON
     if not path.is_file():
         return None  # render has not finished this size; the atlas waits for it
     meta = _read_icons_json(path)
-    if meta.get("layer", layer) != layer or int(meta.get("size", size)) != size:
-        raise AtlasError(f"{path} is for layer {meta.get('layer')!r} size {meta.get('size')}, not {layer!r} "
+    made_for = meta.get("map", meta.get("layer", layer))
+    if made_for != layer or int(meta.get("size", size)) != size:
+        raise AtlasError(f"{path} is for {made_for!r} size {meta.get('size')}, not {layer!r} "
                          f"size {size}; run `atlas render {icons_dir.parent.parent}` again")
     made_from = meta.get("grid_fingerprint")
-    if made_from is not None and made_from != grid_fp:
+    if made_from is not None and made_from != grid_digest:
         raise AtlasError(f"{path} was rendered from another grid.h5; run `atlas render {icons_dir.parent.parent}` "
                          "again")
     # Without a fingerprint, the file's own content stands for it.
@@ -566,17 +576,18 @@ def _preview_tiles(config: Config, jobs: Sequence[_Job], grids: dict[tuple[str, 
         geometry = (int(preprocess["size"]), int(preprocess["resize"]), preprocess.get("interpolation", "bilinear"))
         relpaths = h5["images/path"].asstr()[()]
         for k, job in enumerate(jobs):
-            if f"layers/{job.layer}/acts" not in h5 or job.layer not in shapes:
-                raise AtlasError(f"layer {job.layer!r} is missing from {acts_path}; "
+            source = job.source or job.layer
+            if f"layers/{source}/acts" not in h5 or source not in shapes:
+                raise AtlasError(f"layer {source!r} is missing from {acts_path}; "
                                  f"run `atlas collect {config.run_dir}` again")
-            group = h5[f"layers/{job.layer}"]
+            group = h5[f"layers/{source}"]
             grid = grids[(job.layer, job.size)]
             indptr, rows = pick_members(grid.indptr, grid.index, member_cosine(group["acts"], grid),
                                         mc.preview_members)
             job_of.append(np.full(len(rows), k))
             cell_of.append(np.repeat(np.arange(len(grid)), np.diff(indptr)))
             image_of.append(group["image"][()][rows])
-            boxes.append(patch_box(group["yx"][()][rows], tuple(shapes[job.layer][1:3]), geometry[0],
+            boxes.append(patch_box(group["yx"][()][rows], tuple(shapes[source][1:3]), geometry[0],
                                    mc.preview_patch))
     job_of, cell_of, boxes = np.concatenate(job_of), np.concatenate(cell_of), np.concatenate(boxes)
     image_of = np.concatenate(image_of).astype(np.int64)

@@ -3,12 +3,14 @@
 Reads  `RUN/grid.h5` (`/<layer>/<N>/cell`, `direction`, `indptr`, `index`, and
 `direction_whitened` with `render.whiten`) and `RUN/activations.h5` (`/layers/<layer>/acts`, for
 how well the cells' own members match their directions).
-Writes `RUN/<layer>/icons-<N>/` for each layer and grid size N in `render.sizes` (default: all of
-`grid.sizes`):
+Writes `RUN/<map>/icons-<N>/` for each map (each layer, and each focus map `<layer>/class-<slug>`,
+`<layer>/pair-<a>-<b>`; see atlas.focus) and grid size N in `render.sizes_for[map]`, else
+`render.sizes`, else all of `grid.sizes`:
 
 - `cell-<x>-<y>.png`: the (icon_size, icon_size) RGB icon of cell (x, y) = (column, row) of
   grid.h5's `cell`, one per kept cell.
-- `icons.json`: {"layer", "size", "icon_size", "fingerprint", "grid_fingerprint", "objective" (in
+- `icons.json`: {"layer", "map", "size", "icon_size", "fingerprint", "grid_fingerprint" (the grid's
+  `Grid.digest()`: icons are kept while their grid's cells and directions stay the same), "objective" (in
   words), "steps", "attempts", "seed", "member_similarity" (how `member_cosine` is computed),
   "icons": [{"cell": [x, y], "file", "objective", "cosine", "member_cosine", "steps", "seed",
   "attempt"}], "median_cosine", "median_member_cosine"}. `objective` is the icon's final objective
@@ -24,7 +26,7 @@ with random pad / jitter / scale / rotation, by Adam. All cells of a grid are op
 Icon (cell, attempt) draws every random number from its own generator seeded by (seed, N, x, y,
 attempt), so it does not depend on which other icons share its batch, nor on the batch size.
 
-Resuming: finished batches are kept in `RUN/<layer>/.icons-<N>.partial/` (each written
+Resuming: finished batches are kept in `RUN/<map>/.icons-<N>.partial/` (each written
 atomically) while the fingerprint is the same; the finished folder replaces `icons-<N>/` in one
 rename.
 """
@@ -49,6 +51,7 @@ from . import optvis
 from .artifacts import atomic_path, fingerprint, prepare_work_dir, read_fingerprint
 from .config import Config, RenderConfig
 from .errors import AtlasError
+from .focus import MapSpec, read_maps
 from .grid import GRID_NAME, Grid, cosine_to_direction, grid_fingerprint, load_grid
 from .layout import ACTIVATIONS_NAME
 from .models import load_model
@@ -162,16 +165,18 @@ def pick_best(objective: np.ndarray, attempts: int) -> np.ndarray:
 # Stage
 
 
-def render_fingerprint(config: Config, grid_fingerprint_: str) -> str:
-    """What the icons depend on: the [render] config, the grid, the model and its preprocessing."""
-    return fingerprint("render", config.render, grid_fingerprint_, config.model, config.weights, config.preprocess)
+def render_fingerprint(config: Config, grid: Grid, layer: str) -> str:
+    """What one grid's icons depend on: the [render] settings (less which sizes are rendered), the
+    grid's cells and directions, the layer, the model and its preprocessing."""
+    settings = dataclasses.replace(config.render, sizes=(), sizes_for={})
+    return fingerprint("render", settings, grid.digest(), layer, config.model, config.weights, config.preprocess)
 
 
 @dataclasses.dataclass
 class GridIcons:
-    """What rendering one layer's grid did."""
+    """What rendering one map's grid did."""
 
-    layer: str
+    layer: str  # the map's name: a layer, or a focus map `<layer>/class-<slug>`, `<layer>/pair-<a>-<b>`
     size: int
     icons: int  # kept cells, one icon each
     skipped: bool  # up to date, nothing rendered
@@ -194,7 +199,7 @@ class RenderSummary:
 
 
 def icons_dir(run_dir: Path, layer: str, size: int) -> Path:
-    """RUN/<layer>/icons-<N>."""
+    """RUN/<map>/icons-<N> (a focus map's folder sits inside its layer's)."""
     return Path(run_dir) / layer / f"icons-{size}"
 
 
@@ -216,13 +221,18 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     r = config.render
     run_dir = config.run_dir
     grid_path = run_dir / GRID_NAME
-    grid_fp = _check_grid(config, grid_path)
-    fp = render_fingerprint(config, grid_fp)
-    sizes = list(r.sizes or config.grid.sizes)
-    todo = [(layer, size) for layer in config.layers for size in sizes
-            if force or not _is_up_to_date(icons_dir(run_dir, layer, size), fp)]
+    maps = _check_grid(config, grid_path)
+    unknown = sorted(set(r.sizes_for) - {m.name for m in maps})
+    if unknown:
+        raise AtlasError(f"render.sizes_for names {unknown[0]!r}, which is not a map of this run; its maps are "
+                         f"{', '.join(m.name for m in maps)}")
+    grids = {(m.name, size): load_grid(grid_path, m.name, size)
+             for m in maps for size in r.sizes_of(m.name, config.grid.sizes)}
+    layer_of = {m.name: m.layer for m in maps}
+    fps = {key: render_fingerprint(config, grid, layer_of[key[0]]) for key, grid in grids.items()}
+    todo = [key for key in grids if force or not _is_up_to_date(icons_dir(run_dir, *key), fps[key])]
     if not todo:
-        log(f"render: up to date, skipped ({len(config.layers) * len(sizes)} icon folder(s) in {run_dir})")
+        log(f"render: up to date, skipped ({len(grids)} icon folder(s) in {run_dir})")
         return RenderSummary(True, [], "", time.perf_counter() - t0)
 
     keep_freed_memory()
@@ -234,24 +244,23 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     summaries: list[GridIcons] = []
     batches_left = [stop_after_batches]
     with h5py.File(run_dir / ACTIVATIONS_NAME, "r") as acts_h5:
-        for layer in config.layers:
-            sizes_here = [s for s in sizes if (layer, s) in todo]
-            if not sizes_here:
+        for layer in dict.fromkeys(m.layer for m in maps):
+            keys = [key for key in todo if layer_of[key[0]] == layer]
+            if not keys:
                 continue
             network = optvis.Network(module, [layer], normalise=model.preprocess.normalise, channels_last=True)
-            grids = [load_grid(grid_path, layer, s) for s in sizes_here]
-            _check_layer(network, layer, grids[0], r)
-            members = member_cosines(acts_h5[f"layers/{layer}/acts"], grids)
-            for grid, member_cos in zip(grids, members):
-                summary = _render_grid(network, layer, grid, member_cos, config, fp, grid_fp, batches_left, log)
+            _check_layer(network, layer, grids[keys[0]], r)
+            members = member_cosines(acts_h5[f"layers/{layer}/acts"], [grids[key] for key in keys])
+            for key, member_cos in zip(keys, members):
+                summary = _render_grid(network, layer, key[0], grids[key], member_cos, config, fps[key],
+                                       batches_left, log)
                 if summary is None:  # stopped early (tests)
                     return RenderSummary(False, summaries, str(device), time.perf_counter() - t0)
                 summaries.append(summary)
-    for layer in config.layers:
-        for size in sizes:
-            if (layer, size) not in todo:
-                summaries.append(GridIcons(layer, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
-                                           icons_dir(run_dir, layer, size)))
+    for name, size in grids:
+        if (name, size) not in todo:
+            summaries.append(GridIcons(name, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
+                                       icons_dir(run_dir, name, size)))
     seconds = time.perf_counter() - t0
     rendered = [s for s in summaries if not s.skipped]
     log(f"render: {sum(s.icons for s in rendered)} icons for {len(rendered)} grid(s) in {seconds:.1f} s on "
@@ -259,8 +268,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     return RenderSummary(False, summaries, str(device), seconds)
 
 
-def _check_grid(config: Config, grid_path: Path) -> str:
-    """Returns grid.h5's fingerprint, or raises AtlasError if it is missing, incomplete or stale."""
+def _check_grid(config: Config, grid_path: Path) -> list[MapSpec]:
+    """Returns grid.h5's maps, or raises AtlasError if it is missing, incomplete or stale."""
     run_dir = config.run_dir
     if not grid_path.is_file():
         raise AtlasError(f"{grid_path} not found; run `atlas grid {run_dir}` first")
@@ -270,8 +279,8 @@ def _check_grid(config: Config, grid_path: Path) -> str:
     with h5py.File(grid_path, "r") as h5:
         layout_fp = str(h5.attrs.get("inputs", ""))
         acts_fp = str(h5.attrs.get("activations_fingerprint", ""))
-        layers = set(json.loads(h5.attrs.get("layers", "[]")))
-    missing = [layer for layer in config.layers if layer not in layers]
+        maps = read_maps(h5)
+    missing = [layer for layer in config.layers if layer not in {m.name for m in maps}]
     if missing:
         raise AtlasError(f"{grid_path} has no grids for layer(s) {', '.join(missing)}; "
                          f"run `atlas collect {run_dir}`, `atlas layout {run_dir}` and `atlas grid {run_dir}` first")
@@ -280,7 +289,7 @@ def _check_grid(config: Config, grid_path: Path) -> str:
     if read_fingerprint(run_dir / ACTIVATIONS_NAME) != acts_fp:
         raise AtlasError(f"{grid_path} was made from other activations than {run_dir / ACTIVATIONS_NAME}; "
                          f"run `atlas layout {run_dir}` and `atlas grid {run_dir}` first")
-    return fp
+    return maps
 
 
 def _check_layer(network: optvis.Network, layer: str, grid: Grid, r: RenderConfig) -> None:
@@ -307,13 +316,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _render_grid(network: optvis.Network, layer: str, grid: Grid, member_cos: np.ndarray, config: Config,
-                 fp: str, grid_fp: str, batches_left: list[int | None], log: Callable[[str], None]
+def _render_grid(network: optvis.Network, layer: str, name: str, grid: Grid, member_cos: np.ndarray,
+                 config: Config, fp: str, batches_left: list[int | None], log: Callable[[str], None]
                  ) -> GridIcons | None:
-    """Renders (or resumes) one grid's icons and writes its folder; None if stopped early."""
+    """Renders (or resumes) the icons of map `name`'s grid (a map of `layer`) and writes its folder;
+    None if stopped early."""
     r = config.render
     t0 = time.perf_counter()
-    out_dir = icons_dir(config.run_dir, layer, grid.size)
+    out_dir = icons_dir(config.run_dir, name, grid.size)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     prepare_work_dir(partial, fp)
     m, attempts = len(grid), r.attempts
@@ -329,7 +339,7 @@ def _render_grid(network: optvis.Network, layer: str, grid: Grid, member_cos: np
         done[start:stop] = True
     resumed = int(done.sum())
     if resumed:
-        log(f"render: {layer} {grid.size}x{grid.size}: resuming, {resumed} of {n_jobs} attempts already rendered")
+        log(f"render: {name} {grid.size}x{grid.size}: resuming, {resumed} of {n_jobs} attempts already rendered")
 
     vectors = grid.direction_whitened if r.whiten else grid.direction
     if vectors is None:
@@ -340,7 +350,7 @@ def _render_grid(network: optvis.Network, layer: str, grid: Grid, member_cos: np
     todo = np.flatnonzero(~done)
     batch_size = r.batch_size or _auto_batch_size(network, layer, vectors, r)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    progress = _progress(m, resumed / attempts, f"render {layer} {grid.size}x{grid.size}")
+    progress = _progress(m, resumed / attempts, f"render {name} {grid.size}x{grid.size}")
     t_loop = time.perf_counter()
     try:
         for batch in batches:
@@ -369,8 +379,8 @@ def _render_grid(network: optvis.Network, layer: str, grid: Grid, member_cos: np
         entries.append({"cell": [x, y], "file": f"cell-{x}-{y}.png", "objective": float(objective[j]),
                         "cosine": float(cosine[j]), "member_cosine": float(member_cos[c]), "steps": r.steps,
                         "seed": r.seed, "attempt": int(best[c])})
-    meta = {"layer": layer, "size": grid.size, "icon_size": r.icon_size, "fingerprint": fp,
-            "grid_fingerprint": grid_fp,
+    meta = {"layer": layer, "map": name, "size": grid.size, "icon_size": r.icon_size, "fingerprint": fp,
+            "grid_fingerprint": grid.digest(),
             "objective": f"dot(h, v) * max({COS_FLOOR}, cos(h, v))^{r.cos_power:g} at the centre of {layer}, "
                          f"v = the cell's {'whitened ' if r.whiten else ''}direction",
             "steps": r.steps, "attempts": attempts, "seed": r.seed, "member_similarity": MEMBER_SIMILARITY,
@@ -381,10 +391,10 @@ def _render_grid(network: optvis.Network, layer: str, grid: Grid, member_cos: np
     shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - t0
     rendered = (n_jobs - resumed) / attempts
-    summary = GridIcons(layer, grid.size, m, False, resumed, seconds,
+    summary = GridIcons(name, grid.size, m, False, resumed, seconds,
                         rendered / loop_seconds if loop_seconds > 0 else 0.0,
                         meta["median_cosine"], meta["median_member_cosine"], out_dir)
-    log(f"render: {layer} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s; "
+    log(f"render: {name} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s; "
         f"{r.icon_size} px, {r.steps} steps, {attempts} attempt(s)); median cosine to the cell direction: icons "
         f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; wrote {out_dir}")
     return summary

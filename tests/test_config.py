@@ -52,6 +52,10 @@ def test_overrides_parse_toml_values_and_plain_strings(tmp_path, monkeypatch):
     ('images = "x"\nmodel = "m"\nlayers = ["a"]\n', "missing run_dir"),
     (BASE + "this is not toml", "not valid TOML"),
     (BASE.replace('["blocks.9"]', "[]"), "at least one layer"),
+    (BASE + "[layout]\npairs = [[\"a\", \"b\", \"c\"]]\n", "two classes"),
+    (BASE + "[layout]\nfocus_layers = [\"blocks.8\"]\n", "not in layers"),
+    (BASE + "[render]\nsizes_for = {\"blocks.9\" = [10, 7]}\n", r"render.sizes \[7\] are not in grid.sizes"),
+    (BASE + "[render]\nsizes_for = {\"blocks.9\" = 10}\n", "sizes_for.blocks.9 must be a list"),
 ])
 def test_bad_configs_fail_with_one_clear_line(tmp_path, text, message):
     with pytest.raises(AtlasError, match=message) as info:
@@ -70,7 +74,8 @@ def test_missing_config_and_bad_set(tmp_path):
 
 def test_run_dir_copy_round_trips_and_finds_itself_when_moved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = load_config(write(tmp_path, BASE), ["collect.samples_per_image=all", "grid.sizes=[4]"])
+    config = load_config(write(tmp_path, BASE), ["collect.samples_per_image=all", "grid.sizes=[4]",
+                                                 'layout.pairs=[["a", "b"]]', 'render.sizes_for={"blocks.9" = [4]}'])
     save_config(config)
     again = load_config(config.run_dir)
     assert again == config

@@ -239,7 +239,7 @@ def test_gridset_save_load_round_trip(tmp_path):
     assert loaded.config == {"grid": {"sizes": [1, 2]}} and loaded.whiten_eps == 0.1
     assert_grids_equal(load_grid(tmp_path / GRID_NAME, "head", 2), plain[2])
     assert load_class_names(tmp_path / GRID_NAME) == ["a", "b", "c"]
-    with pytest.raises(AtlasError, match="no 5x5 grid for layer 'head'"):
+    with pytest.raises(AtlasError, match="no 5x5 grid for 'head'"):
         load_grid(tmp_path / GRID_NAME, "head", 5)
 
 

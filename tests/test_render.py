@@ -96,10 +96,17 @@ def test_same_seed_same_icons_and_redo_when_the_grid_changes(tmp_path):
     _, second = read_icons(config, 3)
     assert all(np.array_equal(first[c], second[c]) for c in first)
 
-    changed = toy_run(tmp_path / "run", grid={"min_count": 2}, attempts=1)
+    # A grid whose cells change is rendered again; one whose cells and directions stay is kept,
+    # even though grid.h5 was rewritten (a new size here).
+    fewest = int(grid_stage.load_grid(config.run_dir / "grid.h5", LAYER, 3).count.min())
+    changed = toy_run(tmp_path / "run", grid={"min_count": fewest + 1, "sizes": (3, 4)}, attempts=1)
+    assert int(grid_stage.load_grid(changed.run_dir / "grid.h5", LAYER, 3).count.min()) > fewest
     summary = render.run(changed, log=quiet)
-    assert not summary.skipped and all(not g.skipped for g in summary.grids)
+    assert [(g.size, g.skipped) for g in summary.grids] == [(3, False), (4, False)]
     assert read_icons(changed, 3)[0]["fingerprint"] != meta["fingerprint"]
+    grown = toy_run(tmp_path / "run", grid={"min_count": fewest + 1, "sizes": (3, 4, 1)}, attempts=1)
+    summary = render.run(grown, log=quiet)
+    assert sorted((g.size, g.skipped) for g in summary.grids) == [(1, False), (3, True), (4, True)]
 
 
 def test_resume_keeps_finished_batches(tmp_path):
