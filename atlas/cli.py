@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set collect.samples_per_image=8 (repeatable)")
         p.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
 
+    from .compare import add_compare_parser
     from .inspect import add_inspect_parsers
     from .views import add_view_parsers
 
     add_inspect_parsers(sub)  # inspect, patches: reading an atlas
+    add_compare_parser(sub)  # compare: layers (or runs) side by side
     add_view_parsers(sub)  # vis, dream, maps, filters: the classic single-unit views
     return parser
 

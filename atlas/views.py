@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import nn
 
 from .artifacts import atomic_path
@@ -35,6 +35,7 @@ from .errors import AtlasError
 from .layers import check_layers, layer_shapes
 from .models import load_model
 from .models.zoo import OFFLINE_DEFAULT
+from .mosaic import font
 from .optvis import (Network, Objective, channel, class_logit, fourier_image, frozen, make_generators,
                      optimize, standard_transforms)
 from .runtime import keep_freed_memory, pick_device
@@ -230,14 +231,14 @@ def maps_grid(maps: np.ndarray, indices: Sequence[int], title: str, *, tile_px: 
                        (BACKGROUND,) * 3)
     canvas.paste(Image.fromarray(body), (0, title_px + gap))
     draw = ImageDraw.Draw(canvas)
-    draw.text((gap, gap // 2), title, fill=TEXT, font=_font(title_px - 2))
+    draw.text((gap, gap // 2), title, fill=TEXT, font=font(title_px - 2))
     cols = _columns(len(tiles))
     th, tw = tiles.shape[1:3]
     for i, channel_index in enumerate(indices):
         row, col = divmod(i, cols)
         x = gap + col * (tw + gap)
         y = title_px + gap + gap + row * (th + gap + label_px + 2) + th
-        draw.text((x, y), f"{int(channel_index)}", fill=TEXT, font=_font(label_px))
+        draw.text((x, y), f"{int(channel_index)}", fill=TEXT, font=font(label_px))
     return canvas
 
 
@@ -282,13 +283,6 @@ def tile_grid(tiles: np.ndarray, *, gap: int = 4, label_px: int = 0, columns: in
 
 def _columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
-
-
-def _font(px: int):
-    try:
-        return ImageFont.load_default(size=px)  # scalable when Pillow has FreeType
-    except TypeError:  # older Pillow: one bitmap size
-        return ImageFont.load_default()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,23 @@ def test_atlas_run_builds_every_artifact_and_then_skips(tmp_path):
         assert any(line.startswith(f"{stage}: ") and "up to date" in line for line in lines), (stage, lines)
     assert any(line.startswith("mosaic: wrote 0 image(s)") for line in lines), lines
 
+    # A class atlas and a two-class view go through the same stages; the layer's icons are kept.
+    focused = run_cli("run", str(run), "--set", 'layout.classes=["goldfish"]', "--set",
+                      'layout.pairs=[["tench", "goldfish"]]', "--set", "layout.class_top=24", cwd=tmp_path)
+    assert focused.returncode == 0, focused.stderr
+    assert "render: deep 2x2" not in focused.stdout and "render: deep/class-goldfish 2x2" in focused.stdout
+    for name in ("class-goldfish", "pair-tench-goldfish"):
+        for size in (2, 3):
+            with Image.open(run / "deep" / name / f"atlas-{size}.png") as image:
+                assert image.size == (16 * size, 16 * size)
+    panel = run_cli("inspect", str(run), "--layer", "deep/class-goldfish", "--grid", "2", "--class", "goldfish",
+                    cwd=tmp_path)
+    assert panel.returncode == 0, panel.stderr
+    assert list((run / "deep" / "class-goldfish" / "inspect").glob("*.png"))
+    compared = run_cli("compare", str(run), cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    assert (run / "compare-3.png").is_file() and (run / "compare-3.json").is_file()
+
     changed = run_cli("run", str(run), "--set", "grid.min_count=2", cwd=tmp_path)
     assert changed.returncode == 0, changed.stderr
     assert "collect: " in changed.stdout and "grid: " in changed.stdout
@@ -65,6 +82,7 @@ def test_reading_commands_fail_with_one_line_through_the_cli(tmp_path):
         (("maps", str(tmp_path / "missing.png"), "--model", "tiny:make", "--weights", "none",
           "--layer", "features"), "missing.png"),
         (("filters", "no_such_model"), "model"),
+        (("compare", str(tmp_path / "no-run")), "no-run"),
     ]:
         proc = run_cli(*args, cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
