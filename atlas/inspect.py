@@ -294,7 +294,24 @@ def layer_receptive_field(run: _Run, log=print) -> tuple[ReceptiveField | None, 
 def _boxes(rf: ReceptiveField | None, yx: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
     if rf is None:
         return patch_box(yx, geometry["map_hw"], geometry["size"], 2.0)
-    return box_for(rf, yx, geometry["size"], clip=False).astype(np.float64)
+    return square_inside(box_for(rf, yx, geometry["size"], clip=False).astype(np.float64), geometry["size"])
+
+
+def square_inside(boxes: np.ndarray, size: int) -> np.ndarray:
+    """Square boxes (left, top, right, bottom) shrunk to at most the input's side and moved inside it.
+
+    What a field covers beyond the image is padding; a deep layer's field can be wider than the
+    whole input (Lite0's blocks.15), and showing it whole would shrink the image to a corner of
+    its tile. Boxes already inside the input are unchanged.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    side = np.minimum(boxes[:, 2] - boxes[:, 0], size)
+    out = np.empty_like(boxes)
+    for axis in (0, 1):
+        centre = (boxes[:, axis] + boxes[:, axis + 2]) / 2
+        out[:, axis] = np.clip(centre - side / 2, 0, size - side)
+        out[:, axis + 2] = out[:, axis] + side
+    return out
 
 
 def _patches(run: _Run, rows: np.ndarray, rf: ReceptiveField | None, geometry: dict[str, Any]

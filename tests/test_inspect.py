@@ -198,3 +198,11 @@ def test_missing_grid(toy_run, tmp_path):
     (run / "config.toml").write_text((run / "config.toml").read_text().replace(str(toy_run), str(run)))
     with pytest.raises(AtlasError, match="grid.h5 not found; run `atlas grid"):
         _cli("inspect", run, "--layer", "deep", "--grid", 4, "--cell", 0, 0)
+
+
+def test_square_inside_keeps_fields_within_the_input():
+    from atlas.inspect import square_inside
+
+    boxes = np.array([[10, 20, 50, 60], [-30, -30, 30, 30], [-200, -150, 400, 450], [200, 0, 260, 60]], float)
+    np.testing.assert_array_equal(square_inside(boxes, 224), [[10, 20, 50, 60], [0, 0, 60, 60],
+                                                              [0, 0, 224, 224], [164, 0, 224, 60]])
