@@ -45,8 +45,9 @@ from PIL import Image, ImageDraw
 from .artifacts import atomic_path, read_fingerprint
 from .config import CONFIG_NAME, Config, load_config
 from .errors import AtlasError
+from .focus import class_scores
 from .grid import GRID_NAME, sum_by_cell, load_grid
-from .layout import ACTIVATIONS_NAME, LAYOUT_NAME, Layout, iter_blocks, open_activations
+from .layout import ACTIVATIONS_NAME, LAYOUT_NAME, Layout, open_activations
 from .mosaic import font, text_height, wrap_label
 
 PANEL_PX = 480  # side every panel's atlas image is scaled to
@@ -91,12 +92,10 @@ def sample_top_classes(attr: Any) -> np.ndarray:
 
     Args:
         attr: (n, n_classes) array or h5py dataset (float16 in activations.h5), n_classes >= 1; read
-            in float32 blocks, since it can be larger than memory.
+            in float32 blocks, since it can be larger than memory (the class atlases' selection,
+            `atlas.focus.class_scores`, does the same pass).
     """
-    out = np.empty(len(attr), np.int64)
-    for start, block in iter_blocks(attr):
-        out[start:start + len(block)] = block.argmax(axis=1)
-    return out
+    return class_scores(attr, ())[0]
 
 
 def mean_or_nan(values: np.ndarray) -> float:

@@ -17,6 +17,7 @@ beside the layer's: `/<layer>/class-<slug>/...` in layout.h5 and grid.h5 and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 from collections.abc import Sequence
@@ -58,8 +59,6 @@ def slug(text: str) -> str:
 def find_class(query: str, class_names: Sequence[str] | None, wnids: Sequence[str] | None = None) -> int:
     """The index of a class by name, WordNet id (both case-insensitive) or number; AtlasError with
     close matches when there is no such class."""
-    import difflib
-
     key = query.strip().lower()
     for pool in (class_names or [], wnids or []):
         for i, name in enumerate(pool):

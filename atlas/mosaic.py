@@ -361,6 +361,7 @@ class _Job:
     """One image to (maybe) write: its path, fingerprint and how to make its tiles."""
 
     layer: str  # the map's name: a layer or a focus map (`<layer>/class-<slug>`, `<layer>/pair-<a>-<b>`)
+    source: str  # the layer whose samples the map shows (activations.h5 `/layers/<source>`)
     size: int
     kind: str  # "atlas" or "preview"
     path: Path
@@ -368,7 +369,6 @@ class _Job:
     labels_path: Path | None  # the labelled copy, when mosaic.labels
     labels_fingerprint: str
     icons_dir: Path | None = None
-    source: str = ""  # the layer whose samples the map shows (activations.h5 `/layers/<source>`)
 
 
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> MosaicSummary:
@@ -391,7 +391,14 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     grid_path = run_dir / GRID_NAME
     grid_fp, maps = _check_grid(config, grid_path)
     px = mc.icon_px or config.render.icon_size
-    jobs = _plan(config, grid_fp, maps, px, log)
+    loaded: dict[tuple[str, int], Grid] = {}
+
+    def grid_of(name: str, size: int) -> Grid:  # read once, for the icons' check and for drawing
+        if (name, size) not in loaded:
+            loaded[(name, size)] = load_grid(grid_path, name, size)
+        return loaded[(name, size)]
+
+    jobs = _plan(config, grid_fp, maps, px, grid_of, log)
     class_names = load_class_names(grid_path) if mc.labels else None
 
     if not jobs:
@@ -409,7 +416,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         else:
             todo.append(job)
 
-    grids = {(j.layer, j.size): load_grid(grid_path, j.layer, j.size) for j in todo}
+    grids = {(j.layer, j.size): grid_of(j.layer, j.size) for j in todo}
     previews = [j for j in todo if j.kind == "preview"]
     preview_tiles: dict[tuple[str, int], list[np.ndarray | None]] = {}
     if previews:
@@ -459,8 +466,11 @@ def _check_grid(config: Config, grid_path: Path) -> tuple[str, list[MapSpec]]:
     return fp, maps
 
 
-def _plan(config: Config, grid_fp: str, maps: Sequence[MapSpec], px: int, log: Callable[[str], None]) -> list[_Job]:
-    """Every image this config asks for, with the fingerprint of what decides its pixels."""
+def _plan(config: Config, grid_fp: str, maps: Sequence[MapSpec], px: int, grid_of: Callable[[str, int], Grid],
+          log: Callable[[str], None]) -> list[_Job]:
+    """Every image this config asks for, with the fingerprint of what decides its pixels.
+
+    `grid_of(map, size)` reads a grid (the icons are checked against its digest)."""
     mc = config.mosaic
     grid_path = config.run_dir / GRID_NAME
     labels = mc.labels and _has_labels(grid_path, [m.name for m in maps], config.grid.sizes)
@@ -476,21 +486,21 @@ def _plan(config: Config, grid_fp: str, maps: Sequence[MapSpec], px: int, log: C
         for size in config.grid.sizes:
             icons_dir = folder / f"icons-{size}"
             if icons_dir.is_dir():
-                icons_fp = _icons_fingerprint(icons_dir, layer, size, load_grid(grid_path, layer, size).digest())
+                icons_fp = _icons_fingerprint(icons_dir, layer, size, grid_of(layer, size).digest())
                 if icons_fp is None:
                     log(f"mosaic: {icons_dir} has no {ICONS_JSON} yet (render unfinished); atlas-{size}.png not drawn")
                     continue
                 fp = fingerprint("mosaic", layer, size, drawing, grid_fp, icons_fp)
-                jobs.append(_Job(layer, size, "atlas", folder / f"atlas-{size}.png", fp,
+                jobs.append(_Job(layer, m.layer, size, "atlas", folder / f"atlas-{size}.png", fp,
                                  folder / f"atlas-{size}-labels.png" if labels else None,
-                                 fingerprint("mosaic-labels", fp, labelling), icons_dir, m.layer))
+                                 fingerprint("mosaic-labels", fp, labelling), icons_dir))
             if mc.preview:
                 preview = {"members": mc.preview_members, "patch": mc.preview_patch, "images": str(config.images),
                            "max_image_pixels": config.collect.max_image_pixels, "version": 1}
                 fp = fingerprint("mosaic-preview", layer, size, drawing, preview, grid_fp)
-                jobs.append(_Job(layer, size, "preview", folder / f"atlas-preview-{size}.png", fp,
+                jobs.append(_Job(layer, m.layer, size, "preview", folder / f"atlas-preview-{size}.png", fp,
                                  folder / f"atlas-preview-{size}-labels.png" if labels else None,
-                                 fingerprint("mosaic-labels", fp, labelling), source=m.layer))
+                                 fingerprint("mosaic-labels", fp, labelling)))
     return jobs
 
 
@@ -576,7 +586,7 @@ def _preview_tiles(config: Config, jobs: Sequence[_Job], grids: dict[tuple[str, 
         geometry = (int(preprocess["size"]), int(preprocess["resize"]), preprocess.get("interpolation", "bilinear"))
         relpaths = h5["images/path"].asstr()[()]
         for k, job in enumerate(jobs):
-            source = job.source or job.layer
+            source = job.source
             if f"layers/{source}/acts" not in h5 or source not in shapes:
                 raise AtlasError(f"layer {source!r} is missing from {acts_path}; "
                                  f"run `atlas collect {config.run_dir}` again")
