@@ -1,26 +1,128 @@
-"""Run configuration: frozen dataclasses loaded from TOML, validated up front.
+"""Run configuration: frozen dataclasses loaded from TOML, each checked when it is built.
 
 A config has top-level `run_dir`, `images`, `model`, `weights`, `layers` (and an optional
 `[preprocess]` table for models that need one) plus one table per stage. `--set key=value`
 overrides any key; the effective config is written to `RUN/config.toml`, so a run directory can
-stand in for the config file it was made from.
+stand in for the config file it was made from. Every dataclass checks its fields' types (as TOML
+values are checked), ranges and cross-field rules in `__post_init__`, so a config built in Python
+fails with the same one-line AtlasError as a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import re
+import sys
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .config_tables import apply_overrides, dumps_toml, parse_override
 from .errors import AtlasError
 
 CONFIG_NAME = "config.toml"
+
+_METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")
+# The fields of models.zoo.Preprocess, which checks their values once the model's defaults are
+# known; importing it here would make reading a config import torch.
+_PREPROCESS_KEYS = ("size", "resize", "mean", "std", "interpolation")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise AtlasError(message)
+
+
+def _check_device(device: str, key: str) -> None:
+    _check(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None,
+           f"{key} must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {device!r}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(obj: Any, prefix: str, **at_least: float) -> None:
+    """Checks every field of a config dataclass against its type hint, then the lower bounds given."""
+    for name, hint in _hints(type(obj)).items():
+        object.__setattr__(obj, name, _coerce(getattr(obj, name), hint, prefix + name))  # frozen
+    for name, low in at_least.items():
+        _check(getattr(obj, name) >= low, f"{prefix}{name} must be >= {low}, got {getattr(obj, name)!r}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Checks a value against a field's type hint and converts it (lists to tuples, str to Path, tables to configs)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except AtlasError:
+                continue
+    elif hint is bool or hint is str:
+        if isinstance(value, hint):
+            return value
+    elif hint is int or hint is float:  # a float field takes an integer too; neither takes a bool
+        if isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return hint(value)
+    elif hint is Path:
+        if isinstance(value, Path) or (isinstance(value, str) and value):
+            return Path(value)
+    elif origin is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item, key) for v in value)
+        return (_coerce(value, item, key),)  # a single value where a list is expected
+    elif origin is Mapping or hint is Mapping:
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, Mapping):
+            return _build(hint, value, key + ".")
+    raise AtlasError(f"{key} = {value!r} has the wrong type; expected {_describe(hint)}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is Path:
+        return "a non-empty path string"
+    if origin is Mapping or hint is Mapping or dataclasses.is_dataclass(hint):
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> AtlasError:
+    close = difflib.get_close_matches(key.split(".")[-1], known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
+    return AtlasError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
+    """Builds a config dataclass from a raw TOML table, naming unknown and missing keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise _unknown_key(prefix + key, list(fields))
+    missing = [name for name, f in fields.items()
+               if name not in table and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        raise AtlasError(f"config is missing {', '.join(prefix + m for m in missing)}")
+    return cls(**table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +143,15 @@ class CollectConfig:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        _check_fields(self, "collect.", border=0, batch_size=1, workers=0, attribution_batch=1, seed=0,
+                      max_images=0, max_image_pixels=1, threads=0)
         spi = self.samples_per_image
-        if not (spi == "all" or (isinstance(spi, int) and spi >= 1)):
-            raise AtlasError(f"collect.samples_per_image must be a positive integer or \"all\", got {spi!r}")
-        _check(self.border >= 0, "collect.border must be >= 0")
-        _check(self.batch_size >= 1, "collect.batch_size must be >= 1")
-        _check(self.attribution_batch >= 1, "collect.attribution_batch must be >= 1")
-        _check(self.workers >= 0, "collect.workers must be >= 0")
-        _check(self.dtype in ("float16", "float32"), "collect.dtype must be \"float16\" or \"float32\"")
-        _check(self.max_images >= 0, "collect.max_images must be >= 0 (0 = all)")
-        _check(self.max_image_pixels >= 1, "collect.max_image_pixels must be >= 1")
-        _check(self.threads >= 0, "collect.threads must be >= 0 (0 = torch's default)")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "collect.device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+        _check(spi == "all" or (isinstance(spi, int) and spi >= 1),
+               f"collect.samples_per_image must be a positive integer or \"all\", got {spi!r}")
+        _check(self.dtype in ("float16", "float32"),
+               f"collect.dtype must be \"float16\" or \"float32\", got {self.dtype!r}")
+        _check_device(self.device, "collect.device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +173,18 @@ class LayoutConfig:
     class_top: int = 2000  # samples most attributed to the class added to its class atlas (and to a pair's view)
     focus_layers: tuple[str, ...] = ()  # layers that get the class atlases and two-class views; empty = every layer
 
-    def validate(self) -> None:
-        _check(self.n_neighbors >= 2, "layout.n_neighbors must be >= 2")
-        _check(self.min_dist >= 0, "layout.min_dist must be >= 0")
-        metrics = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")
-        _check(self.metric in metrics, f"layout.metric must be one of {', '.join(metrics)}; got {self.metric!r}")
-        _check(self.pca_dims >= 0, "layout.pca_dims must be >= 0 (0 = no PCA)")
-        _check(self.fit_samples >= 0, "layout.fit_samples must be >= 0 (0 = fit on all samples)")
+    def __post_init__(self) -> None:
+        _check_fields(self, "layout.", n_neighbors=2, min_dist=0, pca_dims=0, fit_samples=0, margin=0, seed=0,
+                      trust_samples=0, trust_neighbors=1, class_top=0)
+        close = difflib.get_close_matches(self.metric, _METRICS, n=1)
+        _check(self.metric in _METRICS, f"layout.metric must be one of {', '.join(_METRICS)}; got {self.metric!r}"
+               + (f"; did you mean {close[0]!r}?" if close else ""))
         _check(0 <= self.clip_percentile < 50, "layout.clip_percentile must be in [0, 50)")
-        _check(self.margin >= 0, "layout.margin must be >= 0")
-        _check(self.trust_samples >= 0, "layout.trust_samples must be >= 0")
-        _check(self.trust_neighbors >= 1, "layout.trust_neighbors must be >= 1")
-        _check(self.class_top >= 0, "layout.class_top must be >= 0")
+        _check(all(self.classes), "layout.classes must list class names, wnids or output indices, e.g. [\"fireboat\"]")
         for pair in self.pairs:
-            _check(len(pair) == 2, f"layout.pairs: each entry must be two classes like [\"snorkel\", \"scuba diver\"], "
-                   f"got {list(pair)}")
+            _check(len(pair) == 2 and all(pair), "layout.pairs: each entry must be two classes like "
+                   f"[\"snorkel\", \"scuba diver\"], got {list(pair)}")
+        _check(all(self.focus_layers), "layout.focus_layers must list layer names (entries of layers)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +197,12 @@ class GridConfig:
     whiten_eps: float = 1e-3  # ridge added to A^T A / n, relative to its mean diagonal
     top_classes: int = 5  # class labels stored per cell
 
-    def validate(self) -> None:
-        _check(len(self.sizes) >= 1 and all(s >= 1 for s in self.sizes),
-               "grid.sizes must be a non-empty list of positive integers, e.g. [10, 20, 40]")
-        _check(self.min_count >= 1, "grid.min_count must be >= 1")
+    def __post_init__(self) -> None:
+        _check_fields(self, "grid.", min_count=1, top_classes=1)
+        _check(len(self.sizes) >= 1 and all(s >= 1 for s in self.sizes) and len(set(self.sizes)) == len(self.sizes),
+               f"grid.sizes must be a non-empty list of distinct positive integers, e.g. [10, 20, 40]; "
+               f"got {list(self.sizes)}")
         _check(self.whiten_eps > 0, "grid.whiten_eps must be > 0")
-        _check(self.top_classes >= 1, "grid.top_classes must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,29 +226,25 @@ class RenderConfig:
     seed: int = 0  # seeds every icon (each cell's icon depends only on the seed and the cell)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
 
-    def validate(self) -> None:
-        _check(all(s >= 1 for s in self.sizes), "render.sizes must list positive grid sizes")
+    def __post_init__(self) -> None:
+        _check_fields(self, "render.", icon_size=16, steps=1, attempts=1, batch_size=0, cos_power=0, pad=0, jitter=0,
+                      rotate=0, seed=0)
+        _check(all(s >= 1 for s in self.sizes),
+               "render.sizes must list positive grid sizes (empty = all of grid.sizes)")
         for name, sizes in self.sizes_for.items():
             _check(isinstance(sizes, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
                                                             for s in sizes),
                    f"render.sizes_for.{name} must be a list of grid sizes, e.g. [10, 20]")
+        object.__setattr__(self, "sizes_for", {name: tuple(sizes) for name, sizes in self.sizes_for.items()})
+        _check(self.lr > 0, f"render.lr must be > 0, got {self.lr!r}")
+        _check(self.pad >= self.jitter, f"render.pad ({self.pad}) must be >= render.jitter ({self.jitter}): "
+               "the two random shifts crop 2 x jitter pixels that the padding has to give back")
+        _check(0 <= self.scale < 1, f"render.scale must be in [0, 1), got {self.scale!r}")
+        _check_device(self.device, "render.device")
 
     def sizes_of(self, name: str, grid_sizes: Sequence[int]) -> tuple[int, ...]:
         """The grid sizes to render for one map (`sizes_for`, else `sizes`, else all of grid.sizes)."""
         return tuple(self.sizes_for.get(name, ()) or self.sizes or grid_sizes)
-        _check(self.icon_size >= 16, "render.icon_size must be >= 16 pixels")
-        _check(self.steps >= 1, "render.steps must be >= 1")
-        _check(self.attempts >= 1, "render.attempts must be >= 1")
-        _check(self.batch_size >= 0, "render.batch_size must be >= 1, or 0 for a batch sized to the device")
-        _check(self.lr > 0, "render.lr must be > 0")
-        _check(self.cos_power >= 0, "render.cos_power must be >= 0")
-        _check(self.pad >= 0 and self.jitter >= 0, "render.pad and render.jitter must be >= 0")
-        _check(self.pad >= self.jitter, f"render.pad ({self.pad}) must be >= render.jitter ({self.jitter}): "
-               "the two random shifts crop 2 x jitter pixels that the padding has to give back")
-        _check(0 <= self.scale < 1, "render.scale must be in [0, 1)")
-        _check(self.rotate >= 0, "render.rotate must be >= 0")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "render.device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +259,9 @@ class MosaicConfig:
     preview_members: int = 16  # members averaged per preview tile: those most similar (cosine) to the cell's direction
     preview_patch: float = 2.0  # side of a member's image patch in map strides (input size / map size)
 
-    def validate(self) -> None:
-        _check(self.icon_px >= 0, "mosaic.icon_px must be >= 0 (0 = render.icon_size)")
+    def __post_init__(self) -> None:
+        _check_fields(self, "mosaic.", icon_px=0, preview_members=1)
         _check(0 < self.density_floor <= 1, "mosaic.density_floor must be in (0, 1]")
-        _check(self.preview_members >= 1, "mosaic.preview_members must be >= 1")
         _check(self.preview_patch > 0, "mosaic.preview_patch must be > 0 (map strides)")
 
 
@@ -192,133 +281,46 @@ class Config:
     render: RenderConfig = RenderConfig()
     mosaic: MosaicConfig = MosaicConfig()
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        _check_fields(self, "")
+        _check(bool(self.model), "model must name a model: \"efficientnet_lite0\", a torchvision classifier "
+               "or \"package.module:factory\"")
         _check(len(self.layers) >= 1, "layers must name at least one layer; `atlas layers MODEL` lists them")
-        _check(len(set(self.layers)) == len(self.layers), "layers lists a layer twice")
-        for stage in (self.collect, self.layout, self.grid, self.render, self.mosaic):
-            stage.validate()
+        _check(all(self.layers), "layers must be dotted module paths like \"blocks.9\"; `atlas layers MODEL` lists them")
+        twice = [name for i, name in enumerate(self.layers) if name in self.layers[:i]]
+        if twice:
+            raise AtlasError(f"layers lists {twice[0]!r} twice; list each layer once")
+        _check(bool(self.weights), "weights must be \"DEFAULT\", \"none\" or the path of a state dict")
+        for key in self.preprocess:
+            if key not in _PREPROCESS_KEYS:
+                raise _unknown_key(f"preprocess.{key}", _PREPROCESS_KEYS)
+        self._check_across_tables()
+
+    def _check_across_tables(self) -> None:
+        grid_sizes, layers = list(self.grid.sizes), list(self.layers)
         asked = list(self.render.sizes) + [s for sizes in self.render.sizes_for.values() for s in sizes]
-        missing = sorted({s for s in asked if s not in self.grid.sizes})
-        _check(not missing, f"render.sizes {missing} are not in grid.sizes {list(self.grid.sizes)}")
-        stray = [name for name in self.layout.focus_layers if name not in self.layers]
-        if stray:
-            raise AtlasError(f"layout.focus_layers names {stray[0]!r}, which is not in layers {list(self.layers)}")
+        missing = sorted({s for s in asked if s not in grid_sizes})
+        _check(not missing, f"render.sizes {missing} are not in grid.sizes {grid_sizes}; "
+               "add them to grid.sizes or drop them from render.sizes / render.sizes_for")
+        for name in self.render.sizes_for:
+            if _layer_of(name) not in layers:
+                raise AtlasError(f"render.sizes_for names {name!r}, whose layer is not in layers {layers}; "
+                                 "name a layer or one of its focus maps, e.g. \"blocks.15/class-fireboat\"")
+        for name in self.layout.focus_layers:
+            if name not in layers:
+                raise AtlasError(f"layout.focus_layers names {name!r}, which is not in layers {layers}; "
+                                 "add it to layers or drop it from layout.focus_layers")
         _check(not self.render.whiten or self.grid.whiten,
                "render.whiten = true needs grid.whiten = true (the whitened directions come from the grid stage)")
 
 
+def _layer_of(map_name: str) -> str:
+    """The layer of a map name: "blocks.15/class-fireboat" -> "blocks.15"."""
+    return map_name.split("/", 1)[0]
+
+
 _STAGE_TABLES = {"collect": CollectConfig, "layout": LayoutConfig, "grid": GridConfig,
                  "render": RenderConfig, "mosaic": MosaicConfig}
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise AtlasError(message)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Checks a TOML value against a field's type hint and converts it (lists to tuples, str to Path)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, key)
-            except AtlasError:
-                continue
-        raise AtlasError(f"{key} = {value!r} has the wrong type; expected {_describe(hint)}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif hint is Path:
-        if isinstance(value, str) and value:
-            return Path(value)
-    elif origin is tuple:
-        item = typing.get_args(hint)[0]
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, item, key) for v in value)
-        return (_coerce(value, item, key),)  # a single value where a list is expected
-    elif origin in (Mapping, dict) or hint is Mapping:
-        if isinstance(value, Mapping):
-            return dict(value)
-    raise AtlasError(f"{key} = {value!r} has the wrong type; expected {_describe(hint)}")
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if origin is tuple:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
-    if hint is Path:
-        return "a path string"
-    if origin in (Mapping, dict) or hint is Mapping:
-        return "a table"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _unknown_key(key: str, known: Sequence[str]) -> AtlasError:
-    close = difflib.get_close_matches(key.split(".")[-1], known, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
-    return AtlasError(f"unknown config key {key!r}{hint}")
-
-
-def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in table.items():
-        if key not in fields:
-            raise _unknown_key(prefix + key, list(fields))
-        if key in _STAGE_TABLES and cls is Config:
-            if not isinstance(value, Mapping):
-                raise AtlasError(f"[{key}] must be a table")
-            kwargs[key] = _build(_STAGE_TABLES[key], value, key + ".")
-        else:
-            kwargs[key] = _coerce(value, hints[key], prefix + key)
-    missing = [name for name, f in fields.items()
-               if name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
-    if missing:
-        raise AtlasError(f"config is missing {', '.join(prefix + m for m in missing)}")
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parses `key.sub=value`; the value is read as TOML, or as a plain string if that fails."""
-    if "=" not in text:
-        raise AtlasError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise AtlasError(f"--set expects key=value, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.split("."), value
-
-
-def apply_overrides(table: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Returns a copy of a raw config table with `--set` overrides applied."""
-    table = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in table.items()}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = table
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise AtlasError(f"--set {text}: {part} is not a table")
-        node[path[-1]] = value
-    return table
 
 
 def read_table(source: str | Path) -> tuple[dict[str, Any], Path]:
@@ -345,22 +347,96 @@ def read_table(source: str | Path) -> tuple[dict[str, Any], Path]:
     return table, Path.cwd()
 
 
-def load_config(source: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Loads, overrides and validates a config from a TOML file or a run directory."""
+def _print_note(message: str) -> None:
+    print(f"atlas: note: {message}", file=sys.stderr)
+
+
+def load_config(source: str | Path, overrides: Sequence[str] = (),
+                warn: Callable[[str], None] = _print_note) -> Config:
+    """Loads, overrides and validates a config from a TOML file or a run directory.
+
+    Keys of the file that the overrides made stale are dropped (`_drop_stale`); `warn` gets one
+    line that says which.
+    """
     table, base = read_table(source)
     is_run = Path(source).is_dir()
-    table = apply_overrides(table, overrides)
+    overridden = apply_overrides(table, overrides)
+    dropped = _drop_stale(table, overridden, [".".join(parse_override(o)[0]) for o in overrides])
+    if dropped:
+        warn(f"dropped what the --set values made stale: {'; '.join(dropped)}")
     if is_run and "run_dir" not in [o.split("=", 1)[0].strip() for o in overrides]:
-        table["run_dir"] = str(Path(source))  # a moved run directory still finds itself
-    config = _build(Config, table, "")
-    config = dataclasses.replace(
+        overridden["run_dir"] = str(Path(source))  # a moved run directory still finds itself
+    config = _build(Config, overridden, "")
+    return dataclasses.replace(
         config,
         run_dir=(base / config.run_dir).resolve(),
         images=(base / config.images).resolve(),
         weights=_resolve_weights(config.weights, base),
     )
-    config.validate()
-    return config
+
+
+def _drop_stale(before: Mapping[str, Any], after: dict[str, Any], given: Sequence[str]) -> list[str]:
+    """Drops keys of the file that its own values allowed but the overrides do not; says what it dropped.
+
+    A smaller grid.sizes or fewer layers should not force the user to also rewrite render.sizes,
+    render.sizes_for and layout.focus_layers. A key the user gave (a `given` path equals it or is
+    a prefix of it) is kept, so a conflict between two --set values, or one the file had already,
+    is still an error. Edits `after` in place.
+    """
+    def explicit(key: str) -> bool:
+        return any(key == path or key.startswith(path + ".") for path in given)
+
+    def replace(key: str, value: Any, note: str) -> None:
+        stage, name = key.split(".")
+        after[stage] = {**after.get(stage, {}), name: value}  # a copy: `before` may share the inner table
+        dropped.append(note)
+
+    parsed = [_parsed(table, key) for table in (before, after) for key in ("grid", "layers")]
+    render, layout = _parsed(after, "render"), _parsed(after, "layout")
+    if any(value is None for value in (*parsed, render, layout)):
+        return []  # validation will say what is wrong
+    (grid_then, layers_then, grid_now, layers_now), dropped = parsed, []
+    lost_sizes, lost_layers = set(grid_then.sizes) - set(grid_now.sizes), set(layers_then) - set(layers_now)
+    now = f"grid.sizes {list(grid_now.sizes)}"
+    if not explicit("render.sizes") and (stale := [s for s in render.sizes if s in lost_sizes]):
+        kept = [s for s in render.sizes if s not in stale]
+        every = "" if kept else "; every size is rendered"
+        replace("render.sizes", kept, f"render.sizes {stale} (not in {now}{every})")
+    sizes_for, notes = {}, []
+    for name, sizes in render.sizes_for.items():
+        key, kept = f"render.sizes_for.{name}", [s for s in sizes if s not in lost_sizes]
+        if explicit(key) or (_layer_of(name) not in lost_layers and len(kept) == len(sizes)):
+            sizes_for[name] = list(sizes)
+        elif _layer_of(name) in lost_layers:
+            notes.append(f"{key} (its layer is not in layers)")
+        else:
+            notes.append(f"{key} {sorted(set(sizes) - set(kept))} (not in {now})")
+            if kept:
+                sizes_for[name] = kept
+    if notes:
+        replace("render.sizes_for", sizes_for, "; ".join(notes))
+    stale = [name for name in layout.focus_layers if name in lost_layers]
+    if stale and not explicit("layout.focus_layers"):
+        kept = [name for name in layout.focus_layers if name not in stale]
+        replace("layout.focus_layers", kept, f"layout.focus_layers {stale} (not in layers)")
+        for key in ("layout.classes", "layout.pairs"):
+            # An empty focus_layers means every layer: the focus maps the file asked for on its
+            # focus layers would be made on every layer instead.
+            if not kept and getattr(layout, key.split(".")[1]) and not explicit(key):
+                replace(key, [], f"{key} (no focus layer is left)")
+    if render.whiten and grid_then.whiten and not grid_now.whiten and not explicit("render.whiten"):
+        replace("render.whiten", False, "render.whiten (needs grid.whiten = true)")
+    return dropped
+
+
+def _parsed(table: Mapping[str, Any], key: str) -> Any:
+    """A stage table or the layers of a raw config table, checked; None when they are invalid."""
+    try:
+        if key == "layers":
+            return _coerce(table["layers"], tuple[str, ...], key)
+        return _coerce(table.get(key, {}), _STAGE_TABLES[key], key)
+    except (AtlasError, KeyError):
+        return None
 
 
 def _resolve_weights(weights: str, base: Path) -> str:
@@ -376,39 +452,8 @@ def config_table(config: Config) -> dict[str, Any]:
     return to_jsonable(config)
 
 
-def dumps_toml(table: Mapping[str, Any]) -> str:
-    """Writes a config table as TOML (scalars and lists first, then one [table] per stage)."""
-    lines: list[str] = []
-    nested = []
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            nested.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, value in nested:
-        lines.append("")
-        lines.append(f"[{key}]")
-        for sub, item in value.items():
-            lines.append(f"{sub} = {_toml_value(item)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def save_config(config: Config) -> Path:
-    """Writes the effective config to RUN/config.toml (atomically) and returns its path."""
+    """Writes the effective config to the run directory (atomically) and returns its path."""
     from .artifacts import atomic_path
 
     path = config.run_dir / CONFIG_NAME
