@@ -1,3 +1,60 @@
-"""atlas: activation atlases and feature visualisation for PyTorch vision models."""
+"""atlas: activation atlases and feature visualisation for PyTorch vision models.
+
+The public API (everything below is importable as `from atlas import NAME`):
+
+Runs and stages (files in a run directory; see README for their format):
+    load_config(source, overrides=())   a Config from a TOML file or a run directory
+    Run(run_dir) / Run.open(run_dir)    a run's artifacts: activations(), layout(), grid(map, N),
+                                        maps(), icons(...), atlas_image(map, N); refuses stale ones
+    run_stages(config, stages=...)      every stage in order (what `atlas run` does)
+    run_collect, run_layout, run_grid, run_render, run_mosaic   one stage each
+
+In-memory cores (arrays in, arrays out, no files):
+    load_model(name, weights)           efficientnet_lite0, torchvision names, package.module:factory
+    collect_activations(model, images, layers, ...)   -> Samples (acts, image, yx, attr, pred)
+    layout_2d(acts, ...)                -> (xy in [0, 1], info)
+    bin_grid(xy, acts, attr, size, ...) -> Grid (cells, counts, directions, members, top classes)
+    render_icons(model, layer, directions, ...)       -> IconBatch (images, objective, cosine)
+    compose_atlas(icons, cells, size, ...)            -> the atlas image
+
+Names are loaded on first use, so `import atlas` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "AtlasError": "atlas.errors",
+    "Config": "atlas.config", "CollectConfig": "atlas.config", "LayoutConfig": "atlas.config",
+    "GridConfig": "atlas.config", "RenderConfig": "atlas.config", "MosaicConfig": "atlas.config",
+    "load_config": "atlas.config",
+    "Run": "atlas.store", "Activations": "atlas.store", "Layout": "atlas.store", "MapLayout": "atlas.store",
+    "Grid": "atlas.store", "GridSet": "atlas.store", "IconSet": "atlas.store",
+    "run_stages": "atlas.pipeline", "run_collect": "atlas.pipeline", "run_layout": "atlas.pipeline",
+    "run_grid": "atlas.pipeline", "run_render": "atlas.pipeline", "run_mosaic": "atlas.pipeline",
+    "load_model": "atlas.models", "LoadedModel": "atlas.models", "Preprocess": "atlas.models",
+    "collect_activations": "atlas.collect", "Samples": "atlas.collect",
+    "layout_2d": "atlas.layout",
+    "bin_grid": "atlas.grid", "bin_grids": "atlas.grid",
+    "render_icons": "atlas.render", "IconBatch": "atlas.render",
+    "compose_atlas": "atlas.mosaic",
+    "compare_runs": "atlas.compare",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'atlas' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

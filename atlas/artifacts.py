@@ -1,9 +1,7 @@
-"""Helpers every stage uses to write its artifact: atomic files, fingerprints, provenance.
+"""Helpers for writing files safely: atomic paths, work folders, fingerprints of JSON-able values.
 
-A stage's artifact carries the fingerprint of everything that made it (its own config and the
-fingerprint of its input artifact). A stage is skipped when the artifact on disk carries the
-fingerprint it would write now; anything else is redone, and because fingerprints chain from
-stage to stage, nothing downstream of a changed stage is ever reused.
+The run store (atlas.store) builds on them: every artifact carries the fingerprint of everything
+that made it, and is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -17,9 +15,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import h5py
-
-from . import __version__
 
 
 def to_jsonable(value: Any) -> Any:
@@ -66,39 +61,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
-
-
-def write_provenance(h5: h5py.File | h5py.Group, *, stage: str, fingerprint_: str,
-                     config: Any, inputs: str | None = None, **extra: Any) -> None:
-    """Stores who made this artifact: stage, fingerprint, input fingerprint, config, version."""
-    h5.attrs["stage"] = stage
-    h5.attrs["fingerprint"] = fingerprint_
-    h5.attrs["inputs"] = inputs or ""
-    h5.attrs["config"] = json.dumps(to_jsonable(config), sort_keys=True)
-    h5.attrs["atlas_version"] = __version__
-    for key, value in extra.items():
-        h5.attrs[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(
-            to_jsonable(value), sort_keys=True)
-
-
-def read_fingerprint(path: str | Path) -> str | None:
-    """Returns the fingerprint a complete artifact carries, or None if absent or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        with h5py.File(path, "r") as h5:
-            if not bool(h5.attrs.get("complete", True)):
-                return None
-            value = h5.attrs.get("fingerprint")
-            return str(value) if value is not None else None
-    except OSError:
-        return None
-
-
-def is_up_to_date(path: str | Path, expected: str) -> bool:
-    """True when the artifact at `path` is complete and carries the `expected` fingerprint."""
-    return read_fingerprint(path) == expected
 
 
 def prepare_work_dir(path: str | Path, fingerprint_: str) -> Path:

@@ -1,7 +1,7 @@
-"""The `atlas` command line: parses arguments and calls each stage's `run`.
+"""The `atlas` command line: parses arguments and calls the stages' `run` and the readers.
 
 Exit codes: 0 ok, 2 bad input or config (one line on stderr, no traceback), 1 internal error,
-130 interrupted (an interrupted collect resumes when run again).
+130 interrupted (an interrupted collect or render resumes when run again).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .errors import AtlasError
 
-STAGES = ("collect", "layout", "grid", "render", "mosaic")
+MODEL_HELP = "efficientnet_lite0, a torchvision classifier name, or package.module:factory"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,12 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("layers", help="list a model's layer names with their output shapes")
-    p.add_argument("model", help="efficientnet_lite0, a torchvision classifier name, or package.module:factory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--weights", default="none",
                    help="weights to load (shapes do not depend on them; default: none, so nothing is downloaded)")
+    p.set_defaults(handler=cmd_layers)
 
-    for stage, text in (("collect", "images -> RUN/activations.h5"), ("layout", "activations -> RUN/layout.h5"),
-                        ("grid", "layout -> RUN/grid.h5"),
+    from .store.run import ACTIVATIONS, GRID, LAYOUT
+
+    for stage, text in (("collect", f"images -> RUN/{ACTIVATIONS}"), ("layout", f"activations -> RUN/{LAYOUT}"),
+                        ("grid", f"layout -> RUN/{GRID}"),
                         ("render", "grid -> an icon per cell in RUN/<layer>/icons-<N>/"),
                         ("mosaic", "icons -> RUN/<layer>/atlas-<N>.png (and a preview from image patches)"),
                         ("run", "every stage in order, skipping what is up to date")):
@@ -44,15 +47,98 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set collect.samples_per_image=8 (repeatable)")
         p.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
+        p.set_defaults(handler=cmd_stage)
 
-    from .compare import add_compare_parser
-    from .inspect import add_inspect_parsers
-    from .views import add_view_parsers
-
-    add_inspect_parsers(sub)  # inspect, patches: reading an atlas
-    add_compare_parser(sub)  # compare: layers (or runs) side by side
-    add_view_parsers(sub)  # vis, dream, maps, filters: the classic single-unit views
+    _add_reading_parsers(sub)
+    _add_view_parsers(sub)
     return parser
+
+
+def _add_reading_parsers(sub) -> None:
+    """inspect, patches and compare: reading a run's atlas."""
+    p = sub.add_parser("inspect", help="one atlas cell: its classes, labels, icon and member patches")
+    p.add_argument("run", metavar="RUN", help="a run directory")
+    p.add_argument("--layer", required=True, help="layer of the run, or a focus map such as L/class-NAME")
+    p.add_argument("--grid", type=int, required=True, metavar="N", help="grid size N (of grid.sizes)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--cell", type=int, nargs=2, metavar=("I", "J"), help="column I (x) and row J (y) of the cell")
+    what.add_argument("--class", dest="class_name", metavar="NAME",
+                      help="list the cells most attributed to this class and inspect the first")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("patches", help="the dataset patches that activate one channel most")
+    p.add_argument("run", metavar="RUN", help="a run directory")
+    p.add_argument("--layer", required=True, help="layer of the run")
+    p.add_argument("--channel", type=int, required=True, metavar="K", help="channel index")
+    p.set_defaults(handler=cmd_patches)
+
+    from .compare import NEIGHBORS
+
+    p = sub.add_parser("compare", help="atlases of several layers (or runs over the same images) side by side, "
+                                       "with figures to compare")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; several runs must share images")
+    p.add_argument("--layers", nargs="+", metavar="L", default=None,
+                   help="compare only these layers, in this order (default: every layer of each run's config)")
+    p.add_argument("--grid", type=int, metavar="N", default=None,
+                   help="grid size (default: the largest with icons for every layer, else with icons or a preview)")
+    p.add_argument("--neighbors", type=int, metavar="K", default=NEIGHBORS,
+                   help=f"nearest images compared between panels (default {NEIGHBORS})")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="the PNG to write (default RUN1/compare-N.png); the JSON goes beside it")
+    p.set_defaults(handler=cmd_compare)
+
+
+def _add_view_parsers(sub) -> None:
+    """vis, dream, maps and filters: the classic single-unit views (no run needed)."""
+    from .models.zoo import OFFLINE_DEFAULT
+
+    def common(p: argparse.ArgumentParser, model_option: bool) -> None:
+        if model_option:
+            p.add_argument("--model", default=OFFLINE_DEFAULT, help=f"{MODEL_HELP} (default: {OFFLINE_DEFAULT})")
+        p.add_argument("--weights", default="DEFAULT",
+                       help="DEFAULT (pretrained), none (random init) or a state-dict file (default: DEFAULT)")
+        p.add_argument("--out", default=None, help="the PNG to write (default: a name in the current folder)")
+
+    p = sub.add_parser("vis", help="feature visualisation of a channel (--layer, --channel) or a class (--class)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--layer", help="dotted layer name (`atlas layers MODEL` lists them)")
+    p.add_argument("--channel", type=int, help="channel of --layer whose mean over positions is maximised")
+    p.add_argument("--class", dest="class_", metavar="NAME", help="class name or wnid whose logit is maximised")
+    p.add_argument("--size", type=int, default=128, help="image side, pixels (default: 128)")
+    p.add_argument("--steps", type=int, default=256, help="optimisation steps (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    common(p, model_option=False)
+    p.set_defaults(handler=cmd_vis)
+
+    p = sub.add_parser("dream", help="DeepDream a photo at a layer (multi-octave gradient ascent)")
+    p.add_argument("image", help="the photo")
+    p.add_argument("--layer", required=True, help="dotted layer name whose activations' L2 norm is maximised")
+    p.add_argument("--channel", type=int, help="maximise this channel's mean instead")
+    p.add_argument("--octaves", type=int, default=3, help="pyramid levels (default: 3)")
+    p.add_argument("--octave-scale", type=float, default=1.4, help="side ratio between levels (default: 1.4)")
+    p.add_argument("--steps", type=int, default=10, help="gradient steps per level (default: 10)")
+    p.add_argument("--lr", type=float, default=0.02, help="step size, [0, 1] pixel units (default: 0.02)")
+    p.add_argument("--size", type=int, default=384, help="the photo's longer side is resized to this (default: 384)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random jitter (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    common(p, model_option=True)
+    p.set_defaults(handler=cmd_dream)
+
+    p = sub.add_parser("maps", help="one image's feature maps at a layer as a labelled grid")
+    p.add_argument("image", help="the photo (preprocessed as for the model)")
+    p.add_argument("--layer", required=True, help="dotted layer name")
+    p.add_argument("--channels", type=int, default=64, help="how many channels to show (default: 64)")
+    p.add_argument("--sort", choices=("mean", "index"), default="mean",
+                   help="mean: the channels with the largest mean activation; index: the first ones (default: mean)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    common(p, model_option=True)
+    p.set_defaults(handler=cmd_maps)
+
+    p = sub.add_parser("filters", help="the first RGB convolution's filters as colour tiles")
+    p.add_argument("model", help=MODEL_HELP)
+    common(p, model_option=False)
+    p.set_defaults(handler=cmd_filters)
 
 
 def _version() -> str:
@@ -79,17 +165,58 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
-    import importlib
+    from .config import load_config
+    from .pipeline import STAGES, run_stages
 
-    from .config import load_config, save_config
+    run_stages(load_config(args.config, args.overrides), STAGES if args.command == "run" else (args.command,),
+               force=args.force)
 
-    config = load_config(args.config, args.overrides)
-    stages = STAGES if args.command == "run" else (args.command,)
-    for stage in stages:
-        importlib.import_module(f"atlas.{stage}").run(config, force=args.force)
-        # The run directory holds the effective config of its last successful stage (not of a
-        # command that failed on, say, a misspelt layer).
-        save_config(config)
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .inspect import inspect
+
+    inspect(args.run, args.layer, args.grid, cell=tuple(args.cell) if args.cell else None,
+            class_name_=args.class_name)
+
+
+def cmd_patches(args: argparse.Namespace) -> None:
+    from .inspect import channel_patches
+
+    channel_patches(args.run, args.layer, args.channel)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_runs
+
+    compare_runs(args.runs, args.layers, args.grid, args.neighbors, args.out)
+
+
+def cmd_vis(args: argparse.Namespace) -> None:
+    from .views import vis
+
+    vis(args.model, layer=args.layer, channel=args.channel, class_=args.class_, size=args.size, steps=args.steps,
+        seed=args.seed, device=args.device, weights=args.weights, out=args.out)
+
+
+def cmd_dream(args: argparse.Namespace) -> None:
+    from .views import dream
+
+    dream(args.image, layer=args.layer, channel=args.channel, model=args.model, octaves=args.octaves,
+          octave_scale=args.octave_scale, steps=args.steps, lr=args.lr, size=args.size, seed=args.seed,
+          device=args.device, weights=args.weights, out=args.out)
+
+
+def cmd_maps(args: argparse.Namespace) -> None:
+    from .views import maps
+
+    maps(args.image, layer=args.layer, channels=args.channels, sort=args.sort, model=args.model, device=args.device,
+         weights=args.weights, out=args.out)
+
+
+def cmd_filters(args: argparse.Namespace) -> None:
+    from .views import filters
+
+    filters(args.model, weights=args.weights, out=args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,12 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if hasattr(args, "view"):
-            args.view(args)
-        elif args.command == "layers":
-            cmd_layers(args)
-        else:
-            cmd_stage(args)
+        args.handler(args)
     except AtlasError as exc:
         print(f"atlas: error: {exc}", file=sys.stderr)
         return 2

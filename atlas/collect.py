@@ -1,13 +1,16 @@
 """Collect stage: images -> RUN/activations.h5.
 
-Reads the images of `config.images` and the model; writes `RUN/activations.h5` (schema in
-README): for each layer, the activations at k random positions per image away from the border,
-the sample's image and position, and its attribution to every class.
+Reads the images of `config.images` and the model; writes the run's activations (atlas.store):
+for each layer, the activations at k random positions per image away from the border, the
+sample's image and position, and its attribution to every class; per image its label, the
+model's top-1 prediction and whether it could be read.
 
-Work is committed in parts (`RUN/.collect-parts/part-NNNNNNNNN.npz`, each written atomically), so
+Work is committed in parts (each a file written atomically in the run's collect work folder), so
 an interrupted collect resumes at the last finished part and, because batches have fixed
 boundaries and positions are seeded per image, ends bit-identical to an uninterrupted run. The
-final file is assembled from the parts and renamed into place only when complete.
+final file is assembled from the parts and appears only when complete.
+
+`collect_activations` is the same sampling in memory, for a list of images in a notebook.
 """
 
 from __future__ import annotations
@@ -16,24 +19,25 @@ import collections
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
+from PIL import Image
+from torch import nn
 
 from . import __version__
-from .artifacts import atomic_path, fingerprint, is_up_to_date, prepare_work_dir, to_jsonable, write_provenance
+from .artifacts import atomic_path, prepare_work_dir, to_jsonable
 from .config import Config
 from .corpus import ImageRecord, find_images, iter_batches
 from .errors import AtlasError
 from .layers import LayerTap, layer_shapes
-from .models import LoadedModel, load_model
+from .models import LoadedModel, Preprocess, load_model
 from .runtime import keep_freed_memory, pick_device
+from .store import Run
+from .store.fingerprints import collect_fingerprint
 
-ACTIVATIONS = "activations.h5"
-PARTS = ".collect-parts"
 IMAGES_PER_PART = 256  # a kill loses at most this much finished work
 
 
@@ -83,6 +87,122 @@ def gather_samples(acts: torch.Tensor, yx: torch.Tensor) -> torch.Tensor:
     return acts[batch, :, flat[:, 0], flat[:, 1]]
 
 
+@dataclass
+class Samples:
+    """Sampled activations of some images at some layers (what activations.h5 holds, in memory)."""
+
+    acts: dict[str, np.ndarray]  # layer -> (n, C) activation vectors (float16 or float32)
+    image: dict[str, np.ndarray]  # layer -> (n,) int32 index of the sample's image
+    yx: dict[str, np.ndarray]  # layer -> (n, 2) int16 (row, column) in the layer's map
+    attr: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_classes) float16 attribution
+    pred: np.ndarray | None = None  # (n_images,) int32 top-1 class, -1 where not computed
+
+
+def sample_batch(tap: LayerTap, indices: np.ndarray, pixels: torch.Tensor, candidates: dict[str, np.ndarray], *,
+                 samples_per_image: int | str, seed: int, attribution: bool, attribution_batch: int, predict: bool,
+                 dtype: str) -> Samples:
+    """Runs one batch of network inputs and samples every layer of `tap` at seeded positions.
+
+    Args:
+        tap: the model cut at the layers (`LayerTap`), on the pixels' device.
+        indices: (B,) int image indices (they seed the positions: see `image_rng`).
+        pixels: (B, 3, H, W) preprocessed network inputs.
+        candidates: layer -> (m, 2) positions the samples are drawn from (`interior_positions`).
+        samples_per_image: positions per image and layer, or "all".
+        seed: the run's seed.
+        attribution: compute each sample's attribution to every class.
+        attribution_batch: (image, position) tangents pushed through the network at once.
+        predict: compute each image's top-1 class.
+        dtype: "float16" or "float32", the activations' storage type.
+
+    Returns:
+        The batch's Samples (`pred` (B,), -1 without prediction).
+    """
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    with torch.no_grad():
+        out = tap.run(pixels, logits=attribution or predict)
+    pred = (out.logits.argmax(dim=1).cpu().numpy().astype(np.int32) if out.logits is not None
+            else np.full(len(indices), -1, np.int32))
+    samples = Samples({}, {}, {}, {}, pred)
+    for layer_index, layer in enumerate(tap.layers):
+        yx_np = batch_positions(indices, layer_index, seed, candidates[layer], samples_per_image)
+        yx = torch.from_numpy(yx_np).to(pixels.device)
+        k = yx.shape[1]
+        with torch.no_grad():
+            samples.acts[layer] = gather_samples(out.acts[layer], yx).float().cpu().numpy().astype(np_dtype)
+        samples.image[layer] = np.repeat(np.asarray(indices).astype(np.int32), k)
+        samples.yx[layer] = yx_np.reshape(-1, 2).astype(np.int16)
+        if attribution:
+            with torch.enable_grad():
+                attr = tap.attribute(layer, out, yx, chunk=attribution_batch)
+            samples.attr[layer] = attr.reshape(-1, attr.shape[-1]).cpu().numpy().astype(np.float16)
+    return samples
+
+
+def collect_activations(model: nn.Module | LoadedModel, images: torch.Tensor | Sequence[Image.Image],
+                        layers: Sequence[str], *, samples_per_image: int | str = 16, border: int = 1,
+                        attribution: bool = True, attribution_batch: int = 256, predict: bool = True, seed: int = 0,
+                        batch_size: int = 32, dtype: str = "float32", preprocess: Preprocess | None = None,
+                        device: str | torch.device = "cpu") -> Samples:
+    """Samples the activations of some images at some layers, in memory (no files).
+
+    The same sampling as the collect stage: image i's positions are seeded by (seed, layer, i).
+
+    Args:
+        model: an `nn.Module` (taking normalised inputs) or a `LoadedModel` (`atlas.load_model`).
+        images: (B, 3, H, W) float network inputs, or PIL images (preprocessed with `preprocess`,
+            default the LoadedModel's).
+        layers: dotted layer names with (C, H, W) outputs (`atlas layers MODEL` lists them).
+        samples_per_image: random positions per image and layer, or "all"; default 16.
+        border: positions closer than this to the map's edge are not sampled; default 1.
+        attribution: also compute each sample's attribution to every class (needs the logits);
+            default True.
+        attribution_batch: tangents per forward-mode pass; default 256.
+        predict: also compute each image's top-1 class; default True.
+        seed: seeds the positions; default 0.
+        batch_size: images per forward pass; default 32.
+        dtype: storage type of `acts`, "float32" (default) or "float16".
+        preprocess: turns PIL images into inputs (default: the LoadedModel's).
+        device: where the model runs; default "cpu". The model is moved there.
+
+    Returns:
+        Samples: per layer `acts` (n, C), `image` (n,), `yx` (n, 2), `attr` (n, n_classes), and
+        `pred` (B,).
+    """
+    module = model.module if isinstance(model, LoadedModel) else model
+    if not isinstance(images, torch.Tensor):
+        preprocess = preprocess or (model.preprocess if isinstance(model, LoadedModel) else None)
+        if preprocess is None:
+            raise AtlasError("PIL images need a preprocess (pass a LoadedModel or preprocess=)")
+        images = torch.stack([preprocess(image) for image in images])
+    device = torch.device(device)
+    module = module.to(device).to(memory_format=torch.channels_last)
+    tap = LayerTap(module, layers)
+    shapes = layer_shapes(module, tuple(images.shape[1:]), layers)
+    candidates = {layer: interior_positions(*_map_shape(shapes, layer)[1:], border) for layer in layers}
+    batches = []
+    for start in range(0, len(images), batch_size):
+        indices = np.arange(start, min(start + batch_size, len(images)))
+        pixels = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        batches.append(sample_batch(tap, indices, pixels, candidates, samples_per_image=samples_per_image, seed=seed,
+                                    attribution=attribution, attribution_batch=attribution_batch, predict=predict,
+                                    dtype=dtype))
+    merged = Samples({}, {}, {}, {}, np.concatenate([b.pred for b in batches]) if batches else np.zeros(0, np.int32))
+    for what in ("acts", "image", "yx", "attr"):
+        for layer in (layers if batches and getattr(batches[0], what) else ()):
+            getattr(merged, what)[layer] = np.concatenate([getattr(b, what)[layer] for b in batches])
+    return merged
+
+
+def _map_shape(shapes: dict[str, tuple[int, ...]], layer: str) -> tuple[int, int, int]:
+    """A layer's (C, H, W); AtlasError when its output is not a feature map."""
+    shape = shapes.get(layer, ())
+    if len(shape) != 3:
+        raise AtlasError(f"layer {layer!r} outputs shape {shapes.get(layer)}; collect needs a (C, H, W) "
+                         "feature map — pick a convolutional layer from `atlas layers`")
+    return tuple(shape)  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------- parts
 
 
@@ -100,6 +220,13 @@ class _Part:
     def empty(cls, start: int, stop: int, layers: Sequence[str]) -> "_Part":
         return cls(start, stop, ["ok"] * (stop - start), [-1] * (stop - start),
                    {layer: collections.defaultdict(list) for layer in layers})
+
+    def add(self, indices: np.ndarray, samples: Samples) -> None:
+        for i, p in zip(indices, samples.pred):
+            self.pred[int(i) - self.start] = int(p)
+        for what in ("acts", "image", "yx", "attr"):
+            for layer, block in getattr(samples, what).items():
+                self.layers[layer][what].append(block)
 
     def save(self, path: Path) -> None:
         arrays = {"range": np.array([self.start, self.stop]), "status": np.array(self.status, dtype=str),
@@ -129,21 +256,6 @@ def _finished_parts(parts_dir: Path, part_size: int, n_images: int) -> list[Path
 # ----------------------------------------------------------------------------- run
 
 
-def collect_fingerprint(config: Config, model: LoadedModel, records: Sequence[ImageRecord]) -> str:
-    """Everything that decides the content of activations.h5 (not workers, threads or device)."""
-    c = config.collect
-    images = []
-    for r in records:
-        try:
-            st = r.path.stat()
-            images.append((r.relpath, st.st_size, st.st_mtime_ns))
-        except OSError:
-            images.append((r.relpath, -1, -1))
-    return fingerprint("collect", config.model, config.weights, model.preprocess, config.layers,
-                       c.samples_per_image, c.border, c.batch_size, c.attribution, c.attribution_batch, c.predict, c.dtype,
-                       c.seed, c.max_images, c.max_image_pixels, images)
-
-
 @dataclass
 class CollectSummary:
     """What a collect run did, for the summary lines and the tests."""
@@ -162,20 +274,18 @@ class CollectSummary:
     assemble_seconds: float = 0.0  # streaming the parts into activations.h5
 
 
-def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print,
-        stop_after_parts: int | None = None) -> CollectSummary:
+def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> CollectSummary:
     """Runs the collect stage for a config, skipping it when activations.h5 is up to date.
 
     Args:
         config: the run's config.
         force: recollect even when up to date.
         log: receives the summary lines.
-        stop_after_parts: for tests: return after writing this many new parts (simulates a kill).
     """
     t_start = time.perf_counter()
     c = config.collect
-    run_dir = config.run_dir
-    out_path = run_dir / ACTIVATIONS
+    store = Run(config.run_dir, config)
+    out_path = store.activations_path
     if c.threads:
         torch.set_num_threads(c.threads)
     keep_freed_memory()
@@ -190,15 +300,13 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     tap = LayerTap(module, config.layers, config.model)
     shapes = layer_shapes(module, model.input_shape, config.layers)
     for layer in config.layers:
-        if len(shapes.get(layer, ())) != 3:
-            raise AtlasError(f"layer {layer!r} outputs shape {shapes.get(layer)}; collect needs a (C, H, W) "
-                             "feature map — pick a convolutional layer from `atlas layers`")
-    fp = collect_fingerprint(config, model, records)
-    if not force and is_up_to_date(out_path, fp):
+        _map_shape(shapes, layer)
+    fp = collect_fingerprint(config, model.preprocess, records)
+    if not force and store.is_current(out_path, fp):
         log(f"collect: {out_path} is up to date, skipped")
         return CollectSummary(True, len(records), 0, {}, {}, None, 0.0, 0.0, out_path.stat().st_size, 0)
 
-    parts_dir = run_dir / PARTS
+    parts_dir = store.collect_parts_dir
     prepare_work_dir(parts_dir, fp)
     part_size = max(1, IMAGES_PER_PART // c.batch_size) * c.batch_size
     done = _finished_parts(parts_dir, part_size, len(records))
@@ -206,10 +314,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     if resume:
         log(f"collect: resuming after {min(resume, len(records))} of {len(records)} images")
 
-    needs_logits = c.attribution or c.predict
     candidates = {layer: interior_positions(shapes[layer][1], shapes[layer][2], c.border)
                   for layer in config.layers}
-    n_new_parts = 0
     t_loop = time.perf_counter()
     progress = _progress(len(records), resume)
     try:
@@ -222,22 +328,22 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
                 part.status[index - part.start] = reason
             if len(batch.indices):
                 pixels = batch.pixels.to(device).contiguous(memory_format=torch.channels_last)
-                _collect_batch(tap, batch.indices, pixels, part, candidates, c, needs_logits)
+                part.add(batch.indices, sample_batch(
+                    tap, batch.indices, pixels, candidates, samples_per_image=c.samples_per_image, seed=c.seed,
+                    attribution=c.attribution, attribution_batch=c.attribution_batch, predict=c.predict,
+                    dtype=c.dtype))
             batch_stop = min(batch.start + c.batch_size, len(records))
             progress.update(batch_stop - batch.start)
             if batch_stop >= part.stop:
                 part.save(parts_dir / _part_name(part.start))
                 part = None
-                n_new_parts += 1
-                if stop_after_parts is not None and n_new_parts >= stop_after_parts:
-                    return CollectSummary(False, len(records), 0, {}, {}, None, 0.0, 0.0, 0, resume)
     finally:
         progress.close()
     loop_seconds = time.perf_counter() - t_loop
 
     parts = _finished_parts(parts_dir, part_size, len(records))
     t_assemble = time.perf_counter()
-    summary = _assemble(out_path, parts, records, config, model, shapes, fp, log)
+    summary = _assemble(store, parts, records, config, model, shapes, fp)
     shutil.rmtree(parts_dir, ignore_errors=True)
     summary.seconds = time.perf_counter() - t_start
     summary.loop_seconds = loop_seconds
@@ -248,112 +354,56 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     return summary
 
 
-@torch.no_grad()
-def _collect_batch(tap: LayerTap, indices: np.ndarray, pixels: torch.Tensor, part: _Part,
-                   candidates: dict[str, np.ndarray], c, needs_logits: bool) -> None:
-    """Runs one batch and appends its samples to the part."""
-    dtype = np.float16 if c.dtype == "float16" else np.float32
-    out = tap.run(pixels, logits=needs_logits)
-    if out.logits is not None:
-        preds = out.logits.argmax(dim=1).cpu().numpy()
-        for i, p in zip(indices, preds):
-            part.pred[int(i) - part.start] = int(p)
-    for layer_index, layer in enumerate(tap.layers):
-        yx_np = batch_positions(indices, layer_index, c.seed, candidates[layer], c.samples_per_image)
-        yx = torch.from_numpy(yx_np).to(pixels.device)
-        k = yx.shape[1]
-        data = part.layers[layer]
-        data["acts"].append(gather_samples(out.acts[layer], yx).float().cpu().numpy().astype(dtype))
-        data["image"].append(np.repeat(indices.astype(np.int32), k))
-        data["yx"].append(yx_np.reshape(-1, 2).astype(np.int16))
-        if c.attribution:
-            with torch.enable_grad():
-                attr = tap.attribute(layer, out, yx, chunk=c.attribution_batch)
-            data["attr"].append(attr.reshape(-1, attr.shape[-1]).cpu().numpy().astype(np.float16))
-
-
 def _progress(total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="img", desc="collect", disable=None, dynamic_ncols=True)
 
 
-def _assemble(out_path: Path, parts: Sequence[Path], records: Sequence[ImageRecord], config: Config,
-              model: LoadedModel, shapes: dict[str, tuple[int, ...]], fp: str,
-              log: Callable[[str], None]) -> CollectSummary:
+def _assemble(store: Run, parts: Sequence[Path], records: Sequence[ImageRecord], config: Config,
+              model: LoadedModel, shapes: dict[str, tuple[int, ...]], fp: str) -> CollectSummary:
     """Streams the parts into activations.h5 (atomically) and returns the counts."""
     n = len(records)
     status = np.empty(n, dtype=object)
     pred = np.full(n, -1, dtype=np.int32)
-    str_dt = h5py.string_dtype()
-    samples = {layer: 0 for layer in config.layers}
     n_classes = 0
-    with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            images = h5.create_group("images")
-            images.create_dataset("path", data=np.array([r.relpath for r in records], dtype=object), dtype=str_dt)
-            images.create_dataset("label", data=np.array([r.label for r in records], dtype=np.int32))
-            if model.classes is not None:
-                classes = h5.create_group("classes")
-                classes.create_dataset("name", data=np.array(model.classes.names, dtype=object), dtype=str_dt)
-                if model.classes.wnids is not None:
-                    classes.create_dataset("wnid", data=np.array(model.classes.wnids, dtype=object), dtype=str_dt)
-            datasets: dict[str, dict[str, h5py.Dataset]] = {}
-            for path in parts:
-                with np.load(path) as part:
-                    start, stop = (int(v) for v in part["range"])
-                    status[start:stop] = part["status"].astype(object)
-                    pred[start:stop] = part["pred"]
-                    for i, layer in enumerate(config.layers):
-                        for key in ("acts", "image", "yx", "attr"):
-                            name = f"{i}/{key}"
-                            if name not in part.files:
-                                continue
-                            block = part[name]
-                            ds = datasets.setdefault(layer, {}).get(key)
-                            if ds is None:
-                                ds = _create_growing(h5, f"layers/{layer}/{key}", block)
-                                datasets[layer][key] = ds
-                            else:
-                                ds.resize(ds.shape[0] + len(block), axis=0)
-                                ds[-len(block):] = block
-                            if key == "acts":
-                                samples[layer] += len(block)
+    with store.write_activations() as out:
+        out.images([r.relpath for r in records], [r.label for r in records])
+        if model.classes is not None:
+            out.classes(model.classes.names, model.classes.wnids)
+        for path in parts:
+            with np.load(path) as part:
+                start, stop = (int(v) for v in part["range"])
+                status[start:stop] = part["status"].astype(object)
+                pred[start:stop] = part["pred"]
+                for i, layer in enumerate(config.layers):
+                    for key in ("acts", "image", "yx", "attr"):
+                        if f"{i}/{key}" in part.files:
+                            block = part[f"{i}/{key}"]
+                            out.append(layer, key, block)
                             if key == "attr":
                                 n_classes = block.shape[1]
-            for layer in config.layers:  # layers with no sample at all still get their datasets
-                channels = shapes[layer][0]
-                empty = {"acts": np.zeros((0, channels), np.float16 if config.collect.dtype == "float16"
-                                          else np.float32),
-                         "image": np.zeros(0, np.int32), "yx": np.zeros((0, 2), np.int16)}
-                for key, block in empty.items():
-                    if key not in datasets.get(layer, {}):
-                        _create_growing(h5, f"layers/{layer}/{key}", block)
-            images.create_dataset("pred", data=pred)
-            images.create_dataset("status", data=status.astype(str).astype(object), dtype=str_dt)
-            if n_classes == 0 and model.classes is not None and (config.collect.predict or config.collect.attribution):
-                n_classes = len(model.classes)
-            write_provenance(h5, stage="collect", fingerprint_=fp, config=config, inputs="",
-                             model=config.model, weights=config.weights, seed=config.collect.seed,
-                             layers=list(config.layers), layer_shapes={k: list(v) for k, v in shapes.items()},
-                             preprocess=to_jsonable(model.preprocess), n_classes=n_classes,
-                             package_version=__version__)
-            h5.attrs["complete"] = True
+        act_dtype = np.float16 if config.collect.dtype == "float16" else np.float32
+        for layer in config.layers:  # layers with no sample at all still get their datasets
+            empty = {"acts": np.zeros((0, shapes[layer][0]), act_dtype), "image": np.zeros(0, np.int32),
+                     "yx": np.zeros((0, 2), np.int16)}
+            for key, block in empty.items():
+                if not out.has(layer, key):
+                    out.append(layer, key, block)
+        if n_classes == 0 and model.classes is not None and (config.collect.predict or config.collect.attribution):
+            n_classes = len(model.classes)
+        out.finish(pred, status.astype(str), fingerprint=fp, config=config, model=config.model,
+                   weights=config.weights, seed=config.collect.seed, layers=list(config.layers),
+                   layer_shapes={k: list(v) for k, v in shapes.items()}, preprocess=to_jsonable(model.preprocess),
+                   n_classes=n_classes, package_version=__version__)
+        samples = dict(out.samples)
     labels = np.array([r.label for r in records])
     ok = status == "ok"
     skipped = collections.Counter(s for s in status if s != "ok")
     labelled = ok & (labels >= 0) & (pred >= 0)
     accuracy = float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
     return CollectSummary(False, n, int(ok.sum()), dict(skipped), samples, accuracy, 0.0, 0.0,
-                          out_path.stat().st_size, 0)
-
-
-def _create_growing(h5: h5py.File, name: str, block: np.ndarray) -> h5py.Dataset:
-    """A chunked dataset resizable along its first axis, holding `block` to begin with."""
-    row_bytes = max(1, block.dtype.itemsize * int(np.prod(block.shape[1:], dtype=np.int64)))
-    chunk_rows = int(max(1, min(4096, (1 << 20) // row_bytes)))  # ~1 MiB chunks
-    return h5.create_dataset(name, data=block, maxshape=(None, *block.shape[1:]),
-                             chunks=(chunk_rows, *block.shape[1:]))
+                          store.activations_path.stat().st_size, 0)
 
 
 def _log_summary(s: CollectSummary, out_path: Path, log: Callable[[str], None]) -> None:

@@ -25,8 +25,7 @@ from typing import Any
 
 from .config_tables import apply_overrides, dumps_toml, parse_override
 from .errors import AtlasError
-
-CONFIG_NAME = "config.toml"
+from .store.run import CONFIG as CONFIG_NAME
 
 _METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")
 # The fields of models.zoo.Preprocess, which checks their values once the model's defaults are

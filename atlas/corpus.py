@@ -3,7 +3,7 @@
 `find_images` lists every file under a folder in a fixed order (the position in that list is the
 image index in every artifact downstream) with ImageFolder labels from the parent folder's name.
 `load_image` turns any file into a fully decoded RGB image or raises `BadImage` with a short,
-stable reason that ends up in `activations.h5` `/images/status`. `iter_batches` decodes and
+stable reason that ends up in the run's image statuses (atlas.store). `iter_batches` decodes and
 transforms images in worker processes, in batches whose boundaries do not depend on which images
 fail, so a resumed collect sees exactly the batches an uninterrupted one would.
 """
@@ -40,7 +40,7 @@ class ImageRecord:
     """One file of the corpus."""
 
     path: Path  # absolute path
-    relpath: str  # posix path relative to the corpus root (activations.h5 /images/path)
+    relpath: str  # posix path relative to the corpus root (the run's image paths)
     label: int  # class index, -1 when unknown
 
 

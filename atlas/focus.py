@@ -8,22 +8,19 @@ on a single classification"). `layout.pairs` adds a two-class view `<layer>/pair
 samples of both classes, placed by `x = attr[b] - attr[a]` divided by the 99th percentile of its
 magnitude and clipped to [-1, 1] (class a on the left, b on the right) and `y` = a 1-D UMAP.
 
-A focus map keeps the rows of the layer's samples it holds (`/<map>/rows` in layout.h5), so grid
-members, `atlas inspect` and the preview mosaic still index the layer's samples. Its artifacts sit
-beside the layer's: `/<layer>/class-<slug>/...` in layout.h5 and grid.h5 and
-`RUN/<layer>/class-<slug>/icons-<N>/`, `atlas-<N>.png`.
+A focus map keeps the rows of the layer's samples it holds (its layout's `rows`), so grid members,
+`atlas inspect` and the preview mosaic still index the layer's samples. Its artifacts sit beside
+the layer's, under the map's name (`<layer>/class-<slug>`) in every file and folder of the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
-import h5py
 import numpy as np
 
 from .errors import AtlasError
@@ -115,32 +112,6 @@ def plan_maps(layers: Sequence[str], classes: Sequence[str], pairs: Sequence[Seq
     if twice:
         raise AtlasError(f"two focus maps would both be named {twice[0]!r}; list each class (or pair) once")
     return maps
-
-
-def maps_to_json(maps: Sequence[MapSpec]) -> str:
-    """The maps as a JSON list (the `maps` attribute of layout.h5 and grid.h5)."""
-    return json.dumps([dataclasses.asdict(m) for m in maps])
-
-
-def maps_from_json(text: str) -> list[MapSpec]:
-    """Reads `maps_to_json`'s output back."""
-    return [MapSpec(d["name"], d["layer"], d["kind"], tuple(d["classes"]), tuple(d["class_names"]))
-            for d in json.loads(text)]
-
-
-def read_maps(h5: h5py.File) -> list[MapSpec]:
-    """The maps a layout.h5 or grid.h5 holds (files without focus maps list only their layers)."""
-    if "maps" in h5.attrs:
-        return maps_from_json(str(h5.attrs["maps"]))
-    return [MapSpec(layer, layer) for layer in json.loads(h5.attrs.get("layers", "[]"))]
-
-
-def read_classes(h5: h5py.File) -> tuple[list[str] | None, list[str] | None]:
-    """The class names and wnids stored in activations.h5 or grid.h5 (None where absent)."""
-    def read(key: str) -> list[str] | None:
-        return list(h5[key].asstr()[()]) if key in h5 else None
-
-    return read("classes/name"), read("classes/wnid")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,33 +1,20 @@
 """Grid stage: the layout is binned into N x N cells; each kept cell gets a direction and labels.
 
-Reads  `RUN/layout.h5` (`/<layer>/xy`) and `RUN/activations.h5` (`/layers/<layer>/acts`, `attr`,
-`/classes/name`, `/classes/wnid`).
-Writes `RUN/grid.h5`, for every layer and every grid size N in `grid.sizes`:
+Reads the run's layout and activations (atlas.store); writes grid.h5: for every map (each layer,
+and each focus map of atlas.focus) and every N in `grid.sizes`, a `Grid` (atlas.store.maps):
 
-- `/<layer>/<N>/cell` (m, 2) int32: (x, y) = (column, row) of the cell, each in [0, N); cells are
-  ordered by row y, then column x (cell id y * N + x ascending); y grows upwards like the layout's
-  second coordinate (the mosaic draws row N - 1 - y).
-- `/<layer>/<N>/count` (m,) int32: samples in the cell, >= `grid.min_count`.
-- `/<layer>/<N>/direction` (m, C) float32: mean activation of the cell's samples.
-- `/<layer>/<N>/indptr` (m + 1,) int64 and `index` (nnz,) int64: the members as CSR; the samples
-  of cell i are `index[indptr[i]:indptr[i + 1]]`, ascending row numbers of `/layers/<layer>/acts`.
-- `/<layer>/<N>/attr` (m, n_classes) float32: mean attribution to every class (only when
-  activations.h5 has attribution).
-- `/<layer>/<N>/top_class` (m, k) int32 and `top_attr` (m, k) float32: the k = `grid.top_classes`
-  classes with the largest mean attribution, largest first (only with attribution).
-- `/<layer>/<N>/direction_whitened` (m, C) float32 = direction @ S and `/<layer>/whitening` (C, C)
-  float32 S = inv(AᵀA / n + ridge I) (only when `grid.whiten`).
-- attrs of `/<layer>/<N>`: `size`, `min_count`, `n_samples` (samples binned), `n_kept` (samples in
-  kept cells); of `/<layer>/whitening`: `eps`, `n_samples`.
-- `/classes/name` (n_classes,) str and `/classes/wnid` (n_classes,) str, copied from
-  activations.h5 when present, so labels can be named from grid.h5 alone.
-- focus maps (class atlases, two-class views; see atlas.focus): the same datasets under
-  `/<layer>/class-<slug>/<N>/` and `/<layer>/pair-<a>-<b>/<N>/`, binned from their own layout;
-  their `index` holds rows of the layer's `/layers/<layer>/acts` like a layer's own grid, and their
-  `direction_whitened` uses the layer's `whitening`.
-- file attrs: `stage`="grid", `fingerprint`, `inputs` (layout.h5's fingerprint),
-  `activations_fingerprint`, `config` (JSON), `atlas_version`, `layers` (JSON list), `maps` (JSON
-  list, as in layout.h5), `sizes` (JSON list), `complete`=True.
+- `cell` (m, 2) int32: (x, y) = (column, row) of each kept cell, in [0, N); cells are ordered by
+  row y, then column x (cell id y * N + x ascending); y grows upwards like the layout's second
+  coordinate (the mosaic draws row N - 1 - y).
+- `count` (m,) int32: samples in the cell, >= `grid.min_count`.
+- `direction` (m, C) float32: mean activation of the cell's samples.
+- `indptr` (m + 1,) int64 and `index` (nnz,) int64: the members as CSR; the samples of cell i are
+  `index[indptr[i]:indptr[i + 1]]`, ascending sample rows of the layer (a focus map's too).
+- `attr` (m, n_classes) float32 mean attribution to every class, and `top_class` (m, k) int32 /
+  `top_attr` (m, k) float32, the k = `grid.top_classes` classes with the largest mean
+  attribution, largest first (only with attribution).
+- `direction_whitened` (m, C) float32 = direction @ S, with S = inv(AᵀA / n + ridge I) of the
+  layer's samples stored once per layer (only when `grid.whiten`).
 
 Activations and attributions are read in float32 blocks, so memory stays bounded by the block size
 and the cells' sums.
@@ -36,24 +23,17 @@ and the cells' sums.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from .artifacts import atomic_path, fingerprint, is_up_to_date, read_fingerprint, write_provenance
+from .blocks import iter_blocks, sum_by_cell, take_rows
 from .config import Config, GridConfig
 from .errors import AtlasError
-from .focus import MapSpec, maps_to_json, read_classes, read_maps
-from .layout import LAYOUT_NAME, iter_blocks, layout_fingerprint, open_activations, take_rows
-
-GRID_NAME = "grid.h5"
-
+from .store import Grid, GridSet, LayerSamples, MapLayout, Run
 
 # ---------------------------------------------------------------------------------------------
 # Pure core
@@ -87,7 +67,7 @@ def bin_layout(xy: np.ndarray, size: int) -> np.ndarray:
     return column_row[:, 1] * size + column_row[:, 0]
 
 
-def cosine_to_direction(acts: Any, grids: Sequence["Grid"]) -> list[np.ndarray]:
+def cosine_to_direction(acts: Any, grids: Sequence[Grid]) -> list[np.ndarray]:
     """For each grid, every member's cosine to its cell's direction, aligned with `grid.index`.
 
     Args:
@@ -174,91 +154,17 @@ def whiten_directions(direction: np.ndarray, whitening: np.ndarray) -> np.ndarra
     return (direction.astype(np.float64) @ whitening.astype(np.float64)).astype(np.float32)
 
 
-@dataclasses.dataclass
-class Grid:
-    """The kept cells of one layer's layout on one N x N grid."""
-
-    size: int  # N
-    cell: np.ndarray  # (m, 2) int32 (x, y), ordered by y then x
-    count: np.ndarray  # (m,) int32 samples per cell
-    direction: np.ndarray  # (m, C) float32 mean activation
-    indptr: np.ndarray  # (m + 1,) int64 CSR row pointers into `index`
-    index: np.ndarray  # (nnz,) int64 sample rows of /layers/<layer>/acts, ascending per cell
-    attr: np.ndarray | None = None  # (m, n_classes) float32 mean attribution
-    top_class: np.ndarray | None = None  # (m, k) int32 classes by mean attribution, largest first
-    top_attr: np.ndarray | None = None  # (m, k) float32 their mean attribution
-    direction_whitened: np.ndarray | None = None  # (m, C) float32 direction @ S
-    min_count: int = 1  # cells with fewer samples were dropped
-    n_samples: int = 0  # samples binned (kept or not)
-
-    def __len__(self) -> int:
-        return len(self.count)
-
-    def digest(self) -> str:
-        """A hash of what the grid's icons depend on: the cells and their (whitened) directions.
-
-        Icons are reused while it stays the same, even when grid.h5 is rewritten (for a new layer,
-        focus map or grid size elsewhere in the run).
-        """
-        h = hashlib.sha256(str(self.size).encode())
-        for array in (self.cell, self.direction, self.direction_whitened):
-            if array is not None:
-                h.update(str(array.dtype).encode() + str(array.shape).encode())
-                h.update(np.ascontiguousarray(array).tobytes())
-        return h.hexdigest()[:20]
-
-    def members(self, i: int) -> np.ndarray:
-        """(count[i],) int64 sample rows of cell i."""
-        return self.index[self.indptr[i]:self.indptr[i + 1]]
-
-    def find(self, x: int, y: int) -> int | None:
-        """Index of the kept cell at column x, row y, or None."""
-        ids = self.cell[:, 1].astype(np.int64) * self.size + self.cell[:, 0]
-        i = int(np.searchsorted(ids, y * self.size + x))
-        return i if i < len(ids) and ids[i] == y * self.size + x else None
-
-    def labels(self, class_names: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
-        """Per cell, its top classes as (name, mean attribution); [] per cell without attribution."""
-        if self.top_class is None or self.top_attr is None:
-            return [[] for _ in range(len(self))]
-        name = (lambda c: class_names[c]) if class_names is not None else (lambda c: f"class {c}")
-        return [[(name(int(c)), float(a)) for c, a in zip(cs, avs)]
-                for cs, avs in zip(self.top_class, self.top_attr)]
-
-    def save(self, group: h5py.Group) -> None:
-        """Writes the grid's datasets and attrs into an (empty) HDF5 group."""
-        for key in ("cell", "count", "direction", "indptr", "index", "attr", "top_class", "top_attr",
-                    "direction_whitened"):
-            value = getattr(self, key)
-            if value is not None:
-                group.create_dataset(key, data=value)
-        group.attrs["size"] = self.size
-        group.attrs["min_count"] = self.min_count
-        group.attrs["n_samples"] = self.n_samples
-        group.attrs["n_kept"] = int(self.indptr[-1])
-
-    @classmethod
-    def load(cls, group: h5py.Group) -> "Grid":
-        """Reads a grid written by `save`."""
-        def get(key: str) -> np.ndarray | None:
-            return group[key][()] if key in group else None
-
-        return cls(int(group.attrs["size"]), get("cell"), get("count"), get("direction"), get("indptr"),
-                   get("index"), get("attr"), get("top_class"), get("top_attr"), get("direction_whitened"),
-                   int(group.attrs["min_count"]), int(group.attrs["n_samples"]))
-
-
-def grid_cells(xy: np.ndarray, acts: Any, attr: Any | None, size: int, min_count: int,
-               top_k: int = 5) -> Grid:
+def bin_grid(xy: np.ndarray, acts: Any, attr: Any | None = None, size: int = 10, *, min_count: int = 3,
+             top_k: int = 5) -> Grid:
     """Bins a layout on one size x size grid and summarises each cell with >= min_count samples.
 
-    See `grid_cells_multi` for the arguments; returns its one Grid.
+    See `bin_grids` for the arguments; returns its one Grid.
     """
-    return grid_cells_multi(xy, acts, attr, (size,), min_count, top_k)[size]
+    return bin_grids(xy, acts, attr, (size,), min_count=min_count, top_k=top_k)[size]
 
 
-def grid_cells_multi(xy: np.ndarray, acts: Any, attr: Any | None, sizes: Iterable[int], min_count: int,
-                     top_k: int = 5) -> dict[int, Grid]:
+def bin_grids(xy: np.ndarray, acts: Any, attr: Any | None, sizes: Iterable[int], *, min_count: int = 3,
+              top_k: int = 5) -> dict[int, Grid]:
     """Bins a layout on several grids at once, reading the activations once.
 
     Args:
@@ -266,8 +172,8 @@ def grid_cells_multi(xy: np.ndarray, acts: Any, attr: Any | None, sizes: Iterabl
         acts: (n, C) activations, array or h5py dataset (read in float32 blocks).
         attr: (n, n_classes) attributions like acts, or None.
         sizes: grid sizes N.
-        min_count: cells with fewer samples are dropped, >= 1.
-        top_k: class labels per cell (with attribution).
+        min_count: cells with fewer samples are dropped, >= 1; default 3.
+        top_k: class labels per cell (with attribution); default 5.
 
     Returns:
         {N: Grid}, without whitened directions (see `whiten_directions`).
@@ -319,126 +225,8 @@ def grid_cells_multi(xy: np.ndarray, acts: Any, attr: Any | None, sizes: Iterabl
     return grids
 
 
-def sum_by_cell(values: Any, slots: Sequence[np.ndarray], n_cells: Sequence[int]) -> list[np.ndarray]:
-    """Sums the rows of `values` per cell for several assignments, in one pass over the rows.
-
-    Each block's rows are sorted by cell and reduced with `np.add.reduceat`, so the cost is a
-    sort and a sum per block whatever the number of cells.
-    """
-    width = values.shape[1]
-    sums = [np.zeros((m, width)) for m in n_cells]
-    for start, block in iter_blocks(values):
-        for slot, total in zip(slots, sums):
-            cells = slot[start:start + len(block)]
-            rows = np.flatnonzero(cells >= 0)
-            if len(rows) == 0:
-                continue
-            rows = rows[np.argsort(cells[rows], kind="stable")]
-            sorted_cells = cells[rows]
-            starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
-            total[sorted_cells[starts]] += np.add.reduceat(block[rows].astype(np.float64), starts, axis=0)
-    return sums
-
-
-# ---------------------------------------------------------------------------------------------
-# Artifact
-
-
-@dataclasses.dataclass
-class GridSet:
-    """`RUN/grid.h5`: every layer's grids, optional whitening, the class names, provenance."""
-
-    grids: dict[str, dict[int, Grid]]  # map name (a layer, or a focus map) -> size -> Grid, in the order of `maps`
-    whitening: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # layer -> (C, C) float32 S
-    class_names: list[str] | None = None  # (n_classes,) names, when the model has known classes
-    class_wnids: list[str] | None = None  # (n_classes,) WordNet ids, when known
-    fingerprint: str = ""  # see `grid_fingerprint`
-    inputs: str = ""  # fingerprint of the layout.h5 it was made from
-    activations_fingerprint: str = ""  # fingerprint of the activations.h5 it was made from
-    config: Any = None  # the run config (JSON-able)
-    whiten_eps: float = 0.0  # ridge used for `whitening`
-    maps: list[MapSpec] = dataclasses.field(default_factory=list)  # what each map is; default: one per layer
-
-    def save(self, path: str | Path) -> None:
-        """Writes grid.h5 to `path` (not atomically; `run` wraps this in `atomic_path`)."""
-        with h5py.File(path, "w") as h5:
-            _write_classes(h5, self.class_names, self.class_wnids)
-            for layer, grids in self.grids.items():
-                _write_layer(h5, layer, grids, self.whitening.get(layer), self.whiten_eps)
-            sizes = {s for grids in self.grids.values() for s in grids}
-            _write_grid_provenance(h5, self.fingerprint, self.inputs, self.activations_fingerprint, self.config,
-                                   self.maps or [MapSpec(name, name) for name in self.grids], sizes)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "GridSet":
-        """Reads a whole grid.h5 (see `load_grid` for one layer and size)."""
-        with h5py.File(path, "r") as h5:
-            grids: dict[str, dict[int, Grid]] = {}
-            whitening: dict[str, np.ndarray] = {}
-            eps = 0.0
-            maps = read_maps(h5)
-            for layer in (m.name for m in maps):
-                group = h5[layer]
-                sizes = sorted(int(k) for k in group if k.isdigit())
-                grids[layer] = {s: Grid.load(group[str(s)]) for s in sizes}
-                if "whitening" in group:
-                    whitening[layer] = group["whitening"][()]
-                    eps = float(group["whitening"].attrs["eps"])
-            names, wnids = read_classes(h5)
-            return cls(grids, whitening, names, wnids, str(h5.attrs["fingerprint"]), str(h5.attrs["inputs"]),
-                       str(h5.attrs["activations_fingerprint"]), json.loads(h5.attrs["config"]), eps, maps)
-
-
-def load_grid(path: str | Path, layer: str, size: int) -> Grid:
-    """Reads one map's grid of one size from grid.h5 (`layer` is a layer or a focus map's name)."""
-    with h5py.File(path, "r") as h5:
-        key = f"{layer}/{size}"
-        if key not in h5 or "cell" not in h5[key]:
-            have = {m.name: sorted(int(k) for k in h5[m.name] if k.isdigit()) for m in read_maps(h5) if m.name in h5}
-            raise AtlasError(f"{path} has no {size}x{size} grid for {layer!r}; it has {have}")
-        return Grid.load(h5[key])
-
-
-def load_class_names(path: str | Path) -> list[str] | None:
-    """The class names stored in grid.h5 (or activations.h5), or None when the classes are unknown."""
-    with h5py.File(path, "r") as h5:
-        return read_classes(h5)[0]
-
-
-def _write_classes(h5: h5py.File, names: Sequence[str] | None, wnids: Sequence[str] | None) -> None:
-    str_dt = h5py.string_dtype()
-    for key, values in (("name", names), ("wnid", wnids)):
-        if values is not None:
-            h5.create_dataset(f"classes/{key}", data=np.array(list(values), dtype=object), dtype=str_dt)
-
-
-def _write_grid_provenance(h5: h5py.File, fp: str, layout_fp: str, acts_fp: str, config: Any,
-                           maps: Sequence[MapSpec], sizes: Iterable[int]) -> None:
-    write_provenance(h5, stage="grid", fingerprint_=fp, config=config, inputs=layout_fp,
-                     activations_fingerprint=acts_fp, layers=list(dict.fromkeys(m.layer for m in maps)),
-                     sizes=sorted(set(sizes)))
-    h5.attrs["maps"] = maps_to_json(maps)
-    h5.attrs["complete"] = True
-
-
-def _write_layer(h5: h5py.File, layer: str, grids: dict[int, Grid], whitening: np.ndarray | None,
-                 eps: float) -> None:
-    group = h5.require_group(layer)
-    for size, grid in grids.items():
-        grid.save(group.create_group(str(size)))
-    if whitening is not None:
-        ds = group.create_dataset("whitening", data=whitening.astype(np.float32))
-        ds.attrs["eps"] = eps
-        ds.attrs["n_samples"] = next(iter(grids.values())).n_samples if grids else 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Stage
-
-
-def grid_fingerprint(config: Config, layout_fingerprint_: str, activations_fingerprint: str) -> str:
-    """What the grid depends on: its config, the layout and the activations it reads."""
-    return fingerprint("grid", config.grid, layout_fingerprint_, activations_fingerprint)
 
 
 @dataclasses.dataclass
@@ -457,76 +245,63 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     Args:
         config: the run's config (`config.grid`, `config.layers`, `config.run_dir`).
         force: redo the grids even when grid.h5 is up to date.
-        log: receives one line per layer and one overall.
+        log: receives one line per map and one overall.
     """
     t0 = time.perf_counter()
     g = config.grid
-    run_dir = config.run_dir
-    acts_path, acts_fp = open_activations(run_dir)
-    layout_path = run_dir / LAYOUT_NAME
-    if not layout_path.is_file():
-        raise AtlasError(f"{layout_path} not found; run `atlas layout {run_dir}` first")
-    layout_fp = read_fingerprint(layout_path)
-    if layout_fp != layout_fingerprint(config, acts_fp):
-        raise AtlasError(f"{layout_path} is out of date (made from other activations or another [layout] "
-                         f"config); run `atlas layout {run_dir}` first")
-    out_path = run_dir / GRID_NAME
-    fp = grid_fingerprint(config, layout_fp, acts_fp)
-    if not force and is_up_to_date(out_path, fp):
+    store = Run(config.run_dir, config)
+    expected = store.expected_grid_fingerprint()
+    out_path = store.grid_path
+    if not force and store.is_current(out_path, expected):
         log(f"grid: up to date, skipped ({out_path})")
         return GridSummary(True, out_path, {}, 0.0)
 
-    cells: dict[str, dict[int, int]] = {}
-    with h5py.File(acts_path, "r") as acts_h5, h5py.File(layout_path, "r") as layout_h5, \
-            atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
-        names, wnids = read_classes(acts_h5)
-        _write_classes(out, names, wnids)
-        maps = read_maps(layout_h5)
-        whitening: dict[str, np.ndarray] = {}
-        for m in maps:
-            if m.layer == "classes":
-                raise AtlasError("a layer named 'classes' clashes with grid.h5's /classes group")
-            if f"layers/{m.layer}/acts" not in acts_h5 or f"{m.name}/xy" not in layout_h5:
-                raise AtlasError(f"{m.name!r} is missing from {acts_path.name} or {layout_path.name}; "
-                                 f"run `atlas collect {run_dir}` and `atlas layout {run_dir}` again")
-            t_layer = time.perf_counter()
+    layout = store.layout(upto="grid")
+    grids: dict[str, dict[int, Grid]] = {}
+    whitening: dict[str, np.ndarray] = {}
+    with store.activations("grid") as acts:
+        for m in layout.specs:
+            samples = acts.layer(m.layer)
+            t_map = time.perf_counter()
             try:
-                grids, n = _grid_map(acts_h5[f"layers/{m.layer}"], layout_h5[m.name], g)
+                grids[m.name] = _grid_map(samples, layout.maps[m.name], g)
                 if g.whiten and m.layer not in whitening:
-                    whitening[m.layer] = whitening_matrix(acts_h5[f"layers/{m.layer}/acts"], g.whiten_eps)
+                    whitening[m.layer] = whitening_matrix(samples.acts, g.whiten_eps)
             except AtlasError as exc:
                 raise AtlasError(f"grid of {'map' if m.kind != 'layer' else 'layer'} {m.name!r}: {exc}") from None
             if g.whiten:
-                for grid in grids.values():
+                for grid in grids[m.name].values():
                     grid.direction_whitened = whiten_directions(grid.direction, whitening[m.layer])
-            # the whitening matrix is the layer's (all its samples), stored once in the layer's group
-            _write_layer(out, m.name, grids, whitening.get(m.layer) if m.kind == "layer" else None, g.whiten_eps)
-            cells[m.name] = {size: len(grid) for size, grid in grids.items()}
-            log(_layer_line(m.name, grids, n, time.perf_counter() - t_layer))
-        _write_grid_provenance(out, fp, layout_fp, acts_fp, config, maps, g.sizes)
+            log(_map_line(m.name, grids[m.name], len(layout.maps[m.name].xy), time.perf_counter() - t_map))
+        names, wnids, acts_fp = acts.class_names, acts.class_wnids, acts.fingerprint
+    store.write_grids(GridSet(grids, whitening, names, wnids, expected, layout.fingerprint, acts_fp, config,
+                              g.whiten_eps, layout.specs))
     seconds = time.perf_counter() - t0
-    log(f"grid: {len(cells)} map(s), sizes {', '.join(map(str, g.sizes))} in {seconds:.1f} s; wrote {out_path} "
+    log(f"grid: {len(grids)} map(s), sizes {', '.join(map(str, g.sizes))} in {seconds:.1f} s; wrote {out_path} "
         f"({out_path.stat().st_size / 2**20:.1f} MiB)")
-    return GridSummary(False, out_path, cells, seconds)
+    return GridSummary(False, out_path, {name: {s: len(grid) for s, grid in by_size.items()}
+                                         for name, by_size in grids.items()}, seconds)
 
 
-def _grid_map(layer: h5py.Group, layout: h5py.Group, g: GridConfig) -> tuple[dict[int, Grid], int]:
+def grid_options(g: GridConfig) -> dict[str, Any]:
+    """The keyword arguments of `bin_grid` that the `[grid]` table sets."""
+    return {"min_count": g.min_count, "top_k": g.top_classes}
+
+
+def _grid_map(samples: LayerSamples, layout: MapLayout, g: GridConfig) -> dict[int, Grid]:
     """Bins one map: a layer's samples, or a focus map's subset of them (whose members are then
-    renumbered to the layer's sample rows). Returns the grids and the number of samples binned."""
-    xy = layout["xy"][()]
-    attr = layer["attr"] if "attr" in layer else None
-    if "rows" not in layout:
-        return grid_cells_multi(xy, layer["acts"], attr, g.sizes, g.min_count, g.top_classes), len(xy)
-    rows = layout["rows"][()]
-    acts = take_rows(layer["acts"], rows)
-    grids = grid_cells_multi(xy, acts, take_rows(attr, rows) if attr is not None else None, g.sizes, g.min_count,
-                             g.top_classes)
+    renumbered to the layer's sample rows)."""
+    if layout.rows is None:
+        return bin_grids(layout.xy, samples.acts, samples.attr, g.sizes, **grid_options(g))
+    rows = layout.rows
+    attr = take_rows(samples.attr, rows) if samples.attr is not None else None
+    grids = bin_grids(layout.xy, take_rows(samples.acts, rows), attr, g.sizes, **grid_options(g))
     for grid in grids.values():
         grid.index = rows[grid.index]  # ascending per cell still: rows is sorted
-    return grids, len(xy)
+    return grids
 
 
-def _layer_line(layer: str, grids: dict[int, Grid], n: int, seconds: float) -> str:
+def _map_line(name: str, grids: dict[int, Grid], n: int, seconds: float) -> str:
     parts = [f"{s}x{s} {len(grid)} cells ({100 * int(grid.indptr[-1]) / max(n, 1):.0f}% of samples)"
              for s, grid in grids.items()]
-    return f"grid: {'map' if '/' in layer else 'layer'} {layer}: {n} samples; " + ", ".join(parts) + f"; {seconds:.1f} s"
+    return f"grid: {'map' if '/' in name else 'layer'} {name}: {n} samples; " + ", ".join(parts) + f"; {seconds:.1f} s"

@@ -1,60 +1,46 @@
 """Layout stage: every activation sample gets a 2-D position (UMAP), scaled to [0, 1].
 
-Reads  `RUN/activations.h5`: `/layers/<layer>/acts` (n, C) float16/float32, file attr `fingerprint`.
-Writes `RUN/layout.h5`:
+Reads the run's activations (atlas.store); writes layout.h5, one map per layer plus each layer's
+class atlases and two-class views (`layout.classes`, `layout.pairs`; see atlas.focus): each map's
+`xy` (n, 2) float32 in [0, 1] (column 0 is x) and, for a focus map, the sorted sample `rows` it
+lays out. A two-class view's x is the attribution difference (atlas.focus.pair_axis) and only its
+y comes from UMAP (1-D), so its trustworthiness is that of y.
 
-- `/<layer>/xy` (n, 2) float32 in [0, 1]; row i is sample i of `/layers/<layer>/acts`, column 0 is x.
-- attrs of `/<layer>` (the reducer's parameters and how faithful the map is):
-  `n_samples` int, `n_fit` int (samples UMAP was fitted on; the rest placed with `transform`),
-  `n_neighbors` int (effective; lower than asked when there are fewer samples),
-  `n_neighbors_requested` int, `min_dist` float, `metric` str, `knn` str ("exact" for small runs,
-  "nn-descent" past EXACT_KNN_PAIRS = n * n_fit), `pca_dims` int (effective, 0 = none),
-  `pca_variance` float (fraction of the fit sample's variance, or of its second moment for the
-  cosine metric, that the PCA keeps; 1.0 without PCA), `seed` int, `clip_percentile` float,
-  `margin` float, `trustworthiness` float (scikit-learn's, NaN when not computed),
-  `trust_samples` int, `trust_neighbors` int, `umap_version` str, `fit_seconds` float,
-  `transform_seconds` float.
-- focus maps (`layout.classes`, `layout.pairs`; see atlas.focus): `/<layer>/class-<slug>/` and
-  `/<layer>/pair-<a>-<b>/` hold `xy` for their own samples, `rows` (n,) int64 (the sorted rows of
-  `/layers/<layer>/acts` they lay out; row i of `xy` is sample `rows[i]`) and the attrs above plus
-  `kind` ("class" or "pair"), `classes`, `class_names`, `layer`, `class_top`. A two-class view's
-  x is the attribution difference (atlas.focus.pair_axis) and only its y comes from UMAP (1-D),
-  so its `trustworthiness` is that of y.
-- file attrs: `stage`="layout", `fingerprint`, `inputs` (the activations' fingerprint), `config`
-  (JSON), `atlas_version`, `layers` (JSON list, config order), `maps` (JSON list of
-  {name, layer, kind, classes, class_names}: the layers' own maps and the focus maps, in order),
-  `complete`=True.
+Each map records `layout_2d`'s info: `n_samples`, `n_fit` (samples UMAP was fitted on; the rest
+placed with `transform`), `n_neighbors` (effective; lower than asked when there are fewer
+samples), `n_neighbors_requested`, `min_dist`, `metric`, `knn` ("exact" for small runs,
+"nn-descent" past EXACT_KNN_PAIRS = n * n_fit), `pca_dims` (effective, 0 = none), `pca_variance`
+(the fraction of the fit sample's variance, or of its second moment for the cosine metric, that
+the PCA keeps; 1.0 without PCA), `seed`, `clip_percentile`, `margin`, `trustworthiness`
+(scikit-learn's, NaN when not computed), `trust_samples`, `trust_neighbors`, `umap_version`,
+`fit_seconds`, `transform_seconds`; focus maps add `kind`, `classes`, `class_names`, `layer`,
+`class_top`.
 
 Method (Lucid's activation-atlas recipe): optional PCA, UMAP to 2-D with a fixed seed, fitted on
-at most `layout.fit_samples` random samples with the rest placed by the fitted model's `transform`,
-then `normalize_layout`. Activations are read in blocks and converted to float32 block by block,
-so a million samples need memory for the fit sample only.
+at most `fit_samples` random samples with the rest placed by the fitted model's `transform`, then
+`normalize_layout`. Activations are read in float32 blocks, so a million samples need memory for
+the fit sample only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from .artifacts import atomic_path, fingerprint, is_up_to_date, to_jsonable, write_provenance
+from .blocks import block_rows, iter_selected, scan_rows, take_rows
 from .config import Config, LayoutConfig
 from .errors import AtlasError
-from .focus import MapSpec, class_rows, class_scores, maps_to_json, pair_axis, plan_maps, read_classes, read_maps
-
-ACTIVATIONS_NAME = "activations.h5"
-LAYOUT_NAME = "layout.h5"
+from .focus import MapSpec, class_rows, class_scores, pair_axis, plan_maps
+from .store import LayerSamples, Layout, MapLayout, Run
 
 MIN_SAMPLES = 4  # UMAP's spectral initialisation needs more samples than n_components + 1
-BLOCK_BYTES = 1 << 26  # activations are read and converted to float32 64 MiB at a time
 TRANSFORM_ROWS = 65_536  # samples placed per UMAP.transform call (fixed, so results are reproducible)
 # umap-learn finds exact neighbours below 4,096 fit samples, through a Python-level loop over all
 # pairs (fit samples with each other, and every transformed sample with every fit sample): about
@@ -95,46 +81,6 @@ def normalize_layout(xy: np.ndarray, clip_percentile: float = 1.0, margin: float
     spread = width > 0
     out[:, spread] = (clipped[:, spread] - low[spread]) / width[spread]
     return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def block_rows(n_columns: int) -> int:
-    """Rows per block so that one float32 block takes about BLOCK_BYTES."""
-    return max(1, BLOCK_BYTES // (4 * max(1, n_columns)))
-
-
-def iter_blocks(acts: Any, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (start, float32 block) over the rows of an (n, C) array or h5py dataset."""
-    n = len(acts)
-    rows = rows or block_rows(acts.shape[1] if len(acts.shape) > 1 else 1)
-    for start in range(0, n, rows):
-        yield start, np.asarray(acts[start:start + rows], dtype=np.float32)
-
-
-def scan_rows(acts: Any, picks: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int, int]:
-    """Reads the rows of several sorted index arrays in one pass and counts non-finite rows.
-
-    Args:
-        acts: (n, C) array or h5py dataset.
-        picks: sorted int64 index arrays into the rows.
-
-    Returns:
-        (one float32 (len(pick), C) array per pick, number of rows with NaN or inf, first such row
-        or -1).
-    """
-    c = acts.shape[1]
-    out = [np.empty((len(p), c), np.float32) for p in picks]
-    n_bad, first_bad = 0, -1
-    for start, block in iter_blocks(acts):
-        bad = ~np.isfinite(block).all(axis=1)
-        if bad.any():
-            if first_bad < 0:
-                first_bad = start + int(np.argmax(bad))
-            n_bad += int(bad.sum())
-        stop = start + len(block)
-        for dest, pick in zip(out, picks):
-            a, b = np.searchsorted(pick, [start, stop])
-            dest[a:b] = block[pick[a:b] - start]
-    return out, n_bad, first_bad
 
 
 def check_spread(acts: np.ndarray, metric: str) -> None:
@@ -216,20 +162,32 @@ def trustworthiness_of(acts: np.ndarray, xy: np.ndarray, n_neighbors: int = 10,
     return float(trustworthiness(acts, xy, n_neighbors=k, metric=metric))
 
 
-def reduce_to_2d(acts: Any, cfg: LayoutConfig, dims: int = 2) -> tuple[np.ndarray, dict[str, Any]]:
+def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metric: str = "cosine",
+              pca_dims: int = 0, fit_samples: int = 100_000, clip_percentile: float = 1.0, margin: float = 0.1,
+              seed: int = 0, trust_samples: int = 2000, trust_neighbors: int = 10, dims: int = 2
+              ) -> tuple[np.ndarray, dict[str, Any]]:
     """Lays out activation samples in 2-D (or `dims`-D) with UMAP and normalises the result to [0, 1].
 
-    Fits UMAP (after the optional PCA) on at most `cfg.fit_samples` samples drawn with
-    `cfg.seed` and places the others with the fitted model's `transform`, `TRANSFORM_ROWS` at a
-    time. Same input and config, same output.
+    Fits UMAP (after the optional PCA) on at most `fit_samples` samples drawn with `seed` and
+    places the others with the fitted model's `transform`, TRANSFORM_ROWS at a time. Same input and
+    arguments, same output.
 
     Degenerate input: fewer than MIN_SAMPLES samples, NaN or inf anywhere, or all fit samples the
     same point for the metric raise AtlasError before UMAP runs. Fewer fit samples than
-    `cfg.n_neighbors` + 1 is not an error: n_neighbors is lowered to n_fit - 1 (recorded in info).
+    `n_neighbors` + 1 is not an error: n_neighbors is lowered to n_fit - 1 (recorded in info).
 
     Args:
         acts: (n, C) float16/float32 array or h5py dataset; read in float32 blocks.
-        cfg: the `[layout]` config.
+        n_neighbors: UMAP's neighbourhood size, >= 2; default 20 (Lucid's notebooks).
+        min_dist: UMAP's minimum distance; default 0.01.
+        metric: one of METRICS; default "cosine".
+        pca_dims: PCA to this many dimensions first (uncentred for cosine and correlation, so
+            angles are kept); 0 = none.
+        fit_samples: fit on at most this many samples, place the rest by transform; 0 = all.
+        clip_percentile, margin: see `normalize_layout`.
+        seed: seeds the subsamples and UMAP.
+        trust_samples: samples to measure trustworthiness on (O(m^2)); 0 = skip (NaN).
+        trust_neighbors: the trustworthiness neighbourhood size.
         dims: output dimensions; 1 for the y axis of a two-class view.
 
     Returns:
@@ -241,22 +199,22 @@ def reduce_to_2d(acts: Any, cfg: LayoutConfig, dims: int = 2) -> tuple[np.ndarra
     n = len(acts)
     if len(acts.shape) != 2:
         raise ValueError(f"acts must be (n, C), got shape {acts.shape}")
-    _check_metric(cfg.metric)
+    _check_metric(metric)
     if n < MIN_SAMPLES:
         raise AtlasError(f"{n} samples are too few for a layout (UMAP needs at least {MIN_SAMPLES}); "
                          "collect more images or raise collect.samples_per_image")
-    fit_idx, trust_idx = pick_samples(n, cfg)
+    fit_idx, trust_idx = pick_samples(n, fit_samples, trust_samples, seed)
     (fit_x, trust_x), n_bad, first_bad = scan_rows(acts, [fit_idx, trust_idx])
     if n_bad:
         raise AtlasError(f"{n_bad} of {n} activation rows contain NaN or inf (first: row {first_bad}); "
                          "float16 storage overflows above 65504, so recollect with collect.dtype = \"float32\"")
-    check_spread(fit_x, cfg.metric)
+    check_spread(fit_x, metric)
 
-    projection = fit_projection(fit_x, cfg.pca_dims, center=cfg.metric not in ("cosine", "correlation"))
+    projection = fit_projection(fit_x, pca_dims, center=metric not in ("cosine", "correlation"))
     n_fit = len(fit_idx)
-    n_neighbors = min(cfg.n_neighbors, n_fit - 1)  # the documented fallback: UMAP needs k < n
+    n_used = min(n_neighbors, n_fit - 1)  # the documented fallback: UMAP needs k < n
     approximate = n * n_fit > EXACT_KNN_PAIRS
-    reducer = _make_umap(n_neighbors, cfg, approximate, dims)
+    reducer = _make_umap(n_used, min_dist, metric, seed, approximate, dims)
     raw = np.empty((n, dims), np.float32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="n_jobs value .* overridden")  # we seed on purpose
@@ -272,32 +230,32 @@ def reduce_to_2d(acts: Any, cfg: LayoutConfig, dims: int = 2) -> tuple[np.ndarra
     if not np.isfinite(raw).all():
         raise AtlasError("UMAP produced non-finite positions; try another layout.seed or layout.metric = \"euclidean\"")
 
-    xy = normalize_layout(raw, cfg.clip_percentile, cfg.margin)
-    trust = (trustworthiness_of(trust_x, xy[trust_idx], cfg.trust_neighbors, cfg.metric)
+    xy = normalize_layout(raw, clip_percentile, margin)
+    trust = (trustworthiness_of(trust_x, xy[trust_idx], trust_neighbors, metric)
              if len(trust_idx) else float("nan"))
     info = {
-        "n_samples": n, "n_fit": n_fit, "n_neighbors": n_neighbors, "n_neighbors_requested": cfg.n_neighbors,
-        "min_dist": cfg.min_dist, "metric": cfg.metric, "knn": "nn-descent" if approximate else "exact",
+        "n_samples": n, "n_fit": n_fit, "n_neighbors": n_used, "n_neighbors_requested": n_neighbors,
+        "min_dist": min_dist, "metric": metric, "knn": "nn-descent" if approximate else "exact",
         "pca_dims": projection.components.shape[1] if projection else 0,
-        "pca_variance": projection.kept if projection else 1.0, "seed": cfg.seed,
-        "clip_percentile": cfg.clip_percentile, "margin": cfg.margin, "trustworthiness": trust,
-        "trust_samples": len(trust_idx), "trust_neighbors": cfg.trust_neighbors, "umap_version": reducer_version(),
+        "pca_variance": projection.kept if projection else 1.0, "seed": seed,
+        "clip_percentile": clip_percentile, "margin": margin, "trustworthiness": trust,
+        "trust_samples": len(trust_idx), "trust_neighbors": trust_neighbors, "umap_version": reducer_version(),
         "fit_seconds": t_fit - t0, "transform_seconds": t_transform - t_fit,
     }
     return xy, info
 
 
-def pick_samples(n: int, cfg: LayoutConfig) -> tuple[np.ndarray, np.ndarray]:
+def pick_samples(n: int, fit_samples: int, trust_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The sorted rows UMAP is fitted on and the rows trustworthiness is measured on.
 
-    The fit rows are `np.random.default_rng(cfg.seed).choice(n, n_fit, replace=False)` (all rows
-    when n_fit = n), the trust rows the same draw from `default_rng([cfg.seed, 1])`.
+    The fit rows are `np.random.default_rng(seed).choice(n, n_fit, replace=False)` (all rows when
+    n_fit = n; fit_samples 0 = all), the trust rows the same draw from `default_rng([seed, 1])`.
     """
-    n_fit = n if cfg.fit_samples == 0 else min(n, max(cfg.fit_samples, MIN_SAMPLES))
-    fit_idx = np.arange(n) if n_fit == n else np.sort(np.random.default_rng(cfg.seed).choice(n, n_fit, replace=False))
-    n_trust = min(n, cfg.trust_samples)
+    n_fit = n if fit_samples == 0 else min(n, max(fit_samples, MIN_SAMPLES))
+    fit_idx = np.arange(n) if n_fit == n else np.sort(np.random.default_rng(seed).choice(n, n_fit, replace=False))
+    n_trust = min(n, trust_samples)
     trust_idx = (np.arange(n) if n_trust == n else
-                 np.sort(np.random.default_rng([cfg.seed, 1]).choice(n, n_trust, replace=False)))
+                 np.sort(np.random.default_rng([seed, 1]).choice(n, n_trust, replace=False)))
     return fit_idx, trust_idx
 
 
@@ -308,128 +266,22 @@ def _check_metric(metric: str) -> None:
                          + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(METRICS)}"))
 
 
-def iter_selected(acts: Any, mask: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (row indices, float32 rows) of the rows where `mask` is set, exactly `chunk` at a time.
-
-    Chunks do not depend on how the rows are read, so the results of per-chunk work (UMAP's
-    transform) are reproducible.
-    """
-    wanted = np.flatnonzero(mask)
-    for a in range(0, len(wanted), chunk):
-        idx = wanted[a:a + chunk]
-        yield idx, take_rows(acts, idx)
-
-
-def take_rows(acts: Any, idx: np.ndarray) -> np.ndarray:
-    """The rows `idx` (sorted) of an array or h5py dataset as float32, read a block at a time."""
-    if isinstance(acts, np.ndarray):
-        return np.asarray(acts[idx], dtype=np.float32)
-    out = np.empty((len(idx), acts.shape[1]), np.float32)
-    rows = block_rows(acts.shape[1])
-    pos = 0
-    while pos < len(idx):  # h5py reads a contiguous slice much faster than a point selection
-        start = int(idx[pos])
-        stop = min(start + rows, int(idx[-1]) + 1)
-        end = int(np.searchsorted(idx, stop))
-        out[pos:end] = np.asarray(acts[start:stop], dtype=np.float32)[idx[pos:end] - start]
-        pos = end
-    return out
-
-
 def reducer_version() -> str:
     from importlib.metadata import version
 
     return version("umap-learn")
 
 
-def _make_umap(n_neighbors: int, cfg: LayoutConfig, approximate: bool, dims: int = 2):
+def _make_umap(n_neighbors: int, min_dist: float, metric: str, seed: int, approximate: bool, dims: int = 2):
     import umap
 
     # random_state makes UMAP single-threaded; that is the price of a reproducible layout
-    return umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=cfg.min_dist, metric=cfg.metric,
-                     random_state=cfg.seed, transform_seed=cfg.seed, n_jobs=1,
-                     force_approximation_algorithm=approximate)
-
-
-# ---------------------------------------------------------------------------------------------
-# Artifact
-
-
-@dataclasses.dataclass
-class LayerLayout:
-    """The layout of one map: a layer's samples, or a focus map's subset of them."""
-
-    xy: np.ndarray  # (n, 2) float32 in [0, 1]; row i = sample rows[i] of /layers/<layer>/acts
-    info: dict[str, Any]  # reducer parameters and trustworthiness (the attrs of /<map>)
-    rows: np.ndarray | None = None  # (n,) int64 sorted sample rows of a focus map; None = all samples in order
-
-
-@dataclasses.dataclass
-class Layout:
-    """`RUN/layout.h5`: per-map 2-D positions plus the provenance of the file."""
-
-    layers: dict[str, LayerLayout]  # map name -> layout, in the order of `maps`
-    fingerprint: str = ""  # this artifact's fingerprint (see `layout_fingerprint`)
-    inputs: str = ""  # the fingerprint of the activations.h5 it was made from
-    config: Any = None  # the run config it was made with (JSON-able)
-    maps: list[MapSpec] = dataclasses.field(default_factory=list)  # what each map is; default: one per layer
-
-    def save(self, path: str | Path) -> None:
-        """Writes the layout to `path` (not atomically; `run` wraps this in `atomic_path`)."""
-        maps = self.maps or [MapSpec(name, name) for name in self.layers]
-        with h5py.File(path, "w") as h5:
-            for name, layer in self.layers.items():
-                group = h5.require_group(name)  # a focus map's group sits inside its layer's
-                group.create_dataset("xy", data=np.asarray(layer.xy, dtype=np.float32))
-                if layer.rows is not None:
-                    group.create_dataset("rows", data=np.asarray(layer.rows, dtype=np.int64))
-                for key, value in layer.info.items():
-                    group.attrs[key] = value
-            write_provenance(h5, stage="layout", fingerprint_=self.fingerprint, config=self.config,
-                             inputs=self.inputs, layers=list(dict.fromkeys(m.layer for m in maps)))
-            h5.attrs["maps"] = maps_to_json(maps)
-            h5.attrs["complete"] = True
-
-    @classmethod
-    def load(cls, path: str | Path, layers: Sequence[str] | None = None) -> "Layout":
-        """Reads a layout file (all maps, or the named ones)."""
-        with h5py.File(path, "r") as h5:
-            maps = read_maps(h5)
-            names = layers if layers is not None else [m.name for m in maps]
-            out = {}
-            for name in names:
-                if name not in h5 or "xy" not in h5[name]:
-                    raise AtlasError(f"{path} has no layer {name!r}; run `atlas layout` for this config")
-                group = h5[name]
-                rows = group["rows"][()] if "rows" in group else None
-                out[name] = LayerLayout(group["xy"][:], {k: to_jsonable(v) for k, v in group.attrs.items()}, rows)
-            return cls(out, str(h5.attrs["fingerprint"]), str(h5.attrs["inputs"]), json.loads(h5.attrs["config"]),
-                       [m for m in maps if m.name in out])
+    return umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
+                     random_state=seed, transform_seed=seed, n_jobs=1, force_approximation_algorithm=approximate)
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage
-
-
-def open_activations(run_dir: Path) -> tuple[Path, str]:
-    """Returns the path and fingerprint of a run's complete activations.h5, or raises AtlasError."""
-    path = run_dir / ACTIVATIONS_NAME
-    if not path.is_file():
-        raise AtlasError(f"{path} not found; run `atlas collect {run_dir}` first")
-    try:
-        with h5py.File(path, "r") as h5:
-            complete = bool(h5.attrs.get("complete", False))
-            fp = h5.attrs.get("fingerprint")
-    except OSError as exc:
-        raise AtlasError(f"cannot read {path} ({exc}); run `atlas collect {run_dir}` again") from None
-    if not complete or fp is None:
-        raise AtlasError(f"{path} is incomplete; run `atlas collect {run_dir}` to finish it")
-    return path, str(fp)
-
-
-def layout_fingerprint(config: Config, activations_fingerprint: str) -> str:
-    """What the layout depends on: its config, the layers and the activations it reads."""
-    return fingerprint("layout", config.layout, config.layers, activations_fingerprint)
 
 
 @dataclasses.dataclass
@@ -441,6 +293,13 @@ class LayoutSummary:
     samples: dict[str, int]  # samples laid out per map
     trustworthiness: dict[str, float]  # per map (NaN when not computed)
     seconds: float
+
+
+def layout_options(cfg: LayoutConfig) -> dict[str, Any]:
+    """The keyword arguments of `layout_2d` that the `[layout]` table sets."""
+    return {"n_neighbors": cfg.n_neighbors, "min_dist": cfg.min_dist, "metric": cfg.metric, "pca_dims": cfg.pca_dims,
+            "fit_samples": cfg.fit_samples, "clip_percentile": cfg.clip_percentile, "margin": cfg.margin,
+            "seed": cfg.seed, "trust_samples": cfg.trust_samples, "trust_neighbors": cfg.trust_neighbors}
 
 
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> LayoutSummary:
@@ -455,77 +314,76 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         log: receives one line per map and one overall.
     """
     t0 = time.perf_counter()
-    acts_path, acts_fp = open_activations(config.run_dir)
-    out_path = config.run_dir / LAYOUT_NAME
-    fp = layout_fingerprint(config, acts_fp)
-    if not force and is_up_to_date(out_path, fp):
+    store = Run(config.run_dir, config)
+    expected = store.expected_layout_fingerprint()
+    out_path = store.layout_path
+    if not force and store.is_current(out_path, expected):
         log(f"layout: up to date, skipped ({out_path})")
         return LayoutSummary(True, out_path, {}, {}, 0.0)
 
     cfg = config.layout
-    layers: dict[str, LayerLayout] = {}
-    with h5py.File(acts_path, "r") as h5:
-        maps = plan_maps(config.layers, cfg.classes, cfg.pairs, *read_classes(h5), cfg.focus_layers)
+    options = layout_options(cfg)
+    maps: dict[str, MapLayout] = {}
+    with store.activations("layout") as acts:
+        specs = plan_maps(config.layers, cfg.classes, cfg.pairs, acts.class_names, acts.class_wnids, cfg.focus_layers)
         for name in config.layers:
-            key = f"layers/{name}/acts"
-            if key not in h5:
-                raise AtlasError(f"{acts_path} has no layer {name!r}; run `atlas collect {config.run_dir}` "
-                                 "with this config")
+            samples = acts.layer(name)
             t_layer = time.perf_counter()
             try:
-                xy, info = reduce_to_2d(h5[key], cfg)
+                xy, info = layout_2d(samples.acts, **options)
             except AtlasError as exc:
                 raise AtlasError(f"layout of layer {name!r}: {exc}") from None
-            layers[name] = LayerLayout(xy, info)
+            maps[name] = MapLayout(xy, info)
             log(_layer_line(name, info, time.perf_counter() - t_layer))
-            focus = [m for m in maps if m.layer == name and m.kind != "layer"]
+            focus = [m for m in specs if m.layer == name and m.kind != "layer"]
             if focus:
-                layers.update(layout_focus_maps(h5[f"layers/{name}"], focus, cfg, log))
+                maps.update(layout_focus_maps(samples, focus, options, cfg.class_top, log))
+        acts_fp = acts.fingerprint
 
-    with atomic_path(out_path) as tmp:
-        Layout(layers, fp, acts_fp, config, maps).save(tmp)
+    store.write_layout(Layout(maps, expected, acts_fp, config, specs))
     seconds = time.perf_counter() - t0
-    total = sum(len(layers[n].xy) for n in config.layers)
-    extra = f" and {len(maps) - len(config.layers)} focus map(s)" if len(maps) > len(config.layers) else ""
+    total = sum(len(maps[n].xy) for n in config.layers)
+    extra = f" and {len(specs) - len(config.layers)} focus map(s)" if len(specs) > len(config.layers) else ""
     log(f"layout: {len(config.layers)} layer(s){extra}, {total} samples in {seconds:.1f} s; wrote {out_path} "
         f"({out_path.stat().st_size / 2**20:.1f} MiB)")
-    return LayoutSummary(False, out_path, {k: len(v.xy) for k, v in layers.items()},
-                         {k: v.info["trustworthiness"] for k, v in layers.items()}, seconds)
+    return LayoutSummary(False, out_path, {k: len(v.xy) for k, v in maps.items()},
+                         {k: v.info["trustworthiness"] for k, v in maps.items()}, seconds)
 
 
-def layout_focus_maps(group: h5py.Group, maps: Sequence[MapSpec], cfg: LayoutConfig,
-                      log: Callable[[str], None]) -> dict[str, LayerLayout]:
+def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: dict[str, Any], class_top: int,
+                      log: Callable[[str], None]) -> dict[str, MapLayout]:
     """Lays out one layer's class atlases and two-class views (see atlas.focus).
 
     Args:
-        group: the layer's `/layers/<layer>` group of activations.h5 (`acts`, `attr`).
-        maps: the layer's focus maps.
-        cfg: the `[layout]` config (`class_top` and the UMAP settings).
+        samples: the layer's samples (`acts`, `attr`).
+        specs: the layer's focus maps.
+        options: `layout_2d`'s keyword arguments.
+        class_top: samples most attributed to a class added to its map (`layout.class_top`).
     """
-    layer = maps[0].layer
-    if "attr" not in group:
+    layer = specs[0].layer
+    if samples.attr is None:
         raise AtlasError(f"layout.classes and layout.pairs need each sample's attribution, which layer {layer!r} "
                          "lacks; collect with collect.attribution = true")
-    columns = sorted({c for m in maps for c in m.classes})
-    top, scores = class_scores(group["attr"], columns)
-    selected = {c: class_rows(top, scores[:, columns.index(c)], c, cfg.class_top) for c in columns}
+    columns = sorted({c for m in specs for c in m.classes})
+    top, scores = class_scores(samples.attr, columns)
+    selected = {c: class_rows(top, scores[:, columns.index(c)], c, class_top) for c in columns}
     out = {}
-    for m in maps:
+    for m in specs:
         t_map = time.perf_counter()
         rows = selected[m.classes[0]] if m.kind == "class" else np.union1d(*(selected[c] for c in m.classes))
         try:
             if m.kind == "class":
-                xy, info = reduce_to_2d(take_rows(group["acts"], rows), cfg)
+                xy, info = layout_2d(take_rows(samples.acts, rows), **options)
             else:
-                y, info = reduce_to_2d(take_rows(group["acts"], rows), cfg, dims=1)
+                y, info = layout_2d(take_rows(samples.acts, rows), **options, dims=1)
                 a, b = (columns.index(c) for c in m.classes)
                 xy = np.column_stack([pair_axis(scores[rows, b] - scores[rows, a]), y[:, 0]]).astype(np.float32)
         except AtlasError as exc:
             raise AtlasError(f"layout of {m.name!r} ({len(rows)} samples for {' and '.join(m.class_names)}): {exc}; "
                              "or raise layout.class_top") from None
         info.update(kind=m.kind, classes=list(m.classes), class_names=list(m.class_names), layer=layer,
-                    class_top=cfg.class_top)
-        out[m.name] = LayerLayout(xy, info, rows)
+                    class_top=class_top)
+        out[m.name] = MapLayout(xy, info, rows)
         log(_layer_line(m.name, info, time.perf_counter() - t_map))
     return out
 

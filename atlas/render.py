@@ -1,22 +1,16 @@
 """Render stage: a feature-visualisation icon for every kept cell of every grid.
 
-Reads  `RUN/grid.h5` (`/<layer>/<N>/cell`, `direction`, `indptr`, `index`, and
-`direction_whitened` with `render.whiten`) and `RUN/activations.h5` (`/layers/<layer>/acts`, for
-how well the cells' own members match their directions).
-Writes `RUN/<map>/icons-<N>/` for each map (each layer, and each focus map `<layer>/class-<slug>`,
-`<layer>/pair-<a>-<b>`; see atlas.focus) and grid size N in `render.sizes_for[map]`, else
-`render.sizes`, else all of `grid.sizes`:
-
-- `cell-<x>-<y>.png`: the (icon_size, icon_size) RGB icon of cell (x, y) = (column, row) of
-  grid.h5's `cell`, one per kept cell.
-- `icons.json`: {"layer", "map", "size", "icon_size", "fingerprint", "grid_fingerprint" (the grid's
-  `Grid.digest()`: icons are kept while their grid's cells and directions stay the same), "objective" (in
-  words), "steps", "attempts", "seed", "member_similarity" (how `member_cosine` is computed),
-  "icons": [{"cell": [x, y], "file", "objective", "cosine", "member_cosine", "steps", "seed",
-  "attempt"}], "median_cosine", "median_member_cosine"}. `objective` is the icon's final objective
-  and `cosine` the cosine similarity between its centre activation and the cell's direction, both
-  measured on the saved 8-bit pixels without transforms; `member_cosine` is the median cosine
-  between the cell's member activations and the direction. The medians are over cells.
+Reads the run's current grids and activations (atlas.store); writes an icons folder per map (each
+layer, and each focus map `<layer>/class-<slug>`, `<layer>/pair-<a>-<b>`; see atlas.focus) and
+grid size N in `render.sizes_for[map]`, else `render.sizes`, else all of `grid.sizes`: one
+(icon_size, icon_size) RGB icon per kept cell, and icons.json with per icon `cell` [x, y], `file`,
+`objective` (its final objective), `cosine` (between its centre activation and the cell's
+direction; both measured on the saved 8-bit pixels without transforms), `member_cosine` (the
+median cosine of the cell's member activations to the direction), `steps`, `seed`, `attempt`; and
+for the folder `layer`, `map`, `size`, `icon_size`, `fingerprint`, `grid_fingerprint`
+(`Grid.digest()`: icons are kept while their grid's cells and directions stay the same),
+`objective` (in words), `steps`, `attempts`, `seed`, `member_similarity`, `median_cosine` and
+`median_member_cosine` (medians over cells).
 
 Method (Lucid's activation-atlas recipe): each icon maximises dot(h, w) * max(0.1, cos(h, w))^p at
 the centre position (W // 2, H // 2) of the layer's map for an icon-sized input, with w the cell's
@@ -26,38 +20,36 @@ with random pad / jitter / scale / rotation, by Adam. All cells of a grid are op
 Icon (cell, attempt) draws every random number from its own generator seeded by (seed, N, x, y,
 attempt), so it does not depend on which other icons share its batch, nor on the batch size.
 
-Resuming: finished batches are kept in `RUN/<map>/.icons-<N>.partial/` (each written
-atomically) while the fingerprint is the same; the finished folder replaces `icons-<N>/` in one
-rename.
+Resuming: finished batches are kept in the map's icons work folder while the fingerprint is the
+same; the finished folder replaces the old one in one rename.
+
+`render_icons` is the same optimisation in memory, for directions from a notebook.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
-from PIL import Image
+from torch import nn
 
 from . import optvis
-from .artifacts import atomic_path, fingerprint, prepare_work_dir, read_fingerprint
+from .artifacts import atomic_path, prepare_work_dir
 from .config import Config, RenderConfig
 from .errors import AtlasError
-from .focus import MapSpec, read_maps
-from .grid import GRID_NAME, Grid, cosine_to_direction, grid_fingerprint, load_grid
-from .layout import ACTIVATIONS_NAME
-from .models import load_model
+from .focus import MapSpec
+from .grid import cosine_to_direction
+from .models import LoadedModel, load_model
 from .runtime import keep_freed_memory, pick_device
+from .store import Grid, Run, icon_file
+from .store.fingerprints import icons_fingerprint
 
-ICONS_JSON = "icons.json"
 MEMBER_SIMILARITY = "median over the cell's members of cos(member activation, direction)"
 COS_FLOOR = 0.1  # the atlas objective's floor on the cosine factor
 
@@ -72,30 +64,30 @@ def icon_seed(seed: int, size: int, x: int, y: int, attempt: int) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-def icon_transform(r: RenderConfig) -> optvis.Transform:
+def icon_transform(icon_size: int, pad: int, jitter: int, scale: float, rotate: float) -> optvis.Transform:
     """The random transforms every icon goes through at every step (see `optvis.standard_transforms`)."""
-    return optvis.standard_transforms(r.icon_size, pad_px=r.pad, jitter_px=r.jitter, scale=r.scale,
-                                      rotate=r.rotate)
+    return optvis.standard_transforms(icon_size, pad_px=pad, jitter_px=jitter, scale=scale, rotate=rotate)
 
 
-def icon_objective(layer: str, vectors: np.ndarray, r: RenderConfig) -> optvis.Objective:
+def icon_objective(layer: str, vectors: np.ndarray, cos_power: float = 3.0) -> optvis.Objective:
     """dot(h, v) * max(0.1, cos(h, v))^p at the map's centre, one (C,) vector v per icon."""
-    return optvis.atlas_direction(layer, vectors, r.cos_power, floor=COS_FLOOR)
+    return optvis.atlas_direction(layer, vectors, cos_power, floor=COS_FLOOR)
 
 
 @dataclasses.dataclass
 class IconBatch:
-    """Rendered icons of one batch."""
+    """Rendered icons."""
 
     images: np.ndarray  # (b, S, S, 3) uint8
     objective: np.ndarray  # (b,) float32 final objective on the 8-bit pixels, no transforms
     cosine: np.ndarray  # (b,) float32 cos(centre activation, reference direction)
 
 
-def render_icons(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
-                 seeds: Sequence[int], r: RenderConfig,
+def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
+                 seeds: Sequence[int], *, icon_size: int, steps: int, lr: float, cos_power: float, decorrelate: bool,
+                 pad: int, jitter: int, scale: float, rotate: float,
                  on_step: Callable[[int], None] | None = None) -> IconBatch:
-    """Optimises one batch of icons and measures them.
+    """Optimises one batch of icons together and measures them.
 
     Args:
         network: the model cut at `layer`, on its device, taking [0, 1] pixels.
@@ -103,36 +95,39 @@ def render_icons(network: optvis.Network, layer: str, vectors: np.ndarray, refer
         vectors: (b, C) float32 objective directions (the cells' directions, or whitened ones).
         reference: (b, C) float32 directions the reported cosine is measured against.
         seeds: b seeds, one generator each (see `icon_seed`).
-        r: icon size, steps, learning rate, transforms, cos_power, decorrelate.
+        icon_size, steps, lr, cos_power, decorrelate, pad, jitter, scale, rotate: see `render_icons`.
         on_step: called with the step number after each step.
 
     Returns:
         The 8-bit icons, with their objective and cosine measured on exactly those pixels.
     """
+    settings = dict(icon_size=icon_size, steps=steps, lr=lr, cos_power=cos_power, decorrelate=decorrelate, pad=pad,
+                    jitter=jitter, scale=scale, rotate=rotate)
     if len(seeds) == 1:
         # oneDNN runs a batch of one through other convolution kernels than any larger batch
         # (whose results per image are identical whatever the batch), and 256 Adam steps through
         # ReLU kinks grow that rounding into visible differences. A lone icon is computed as a
         # pair, so every icon gets the same arithmetic whatever its batch.
-        pair = optimize_icons(network, layer, np.repeat(vectors, 2, 0), np.repeat(reference, 2, 0),
-                              [seeds[0]] * 2, r, on_step)
+        pair = optimize_icons(network, layer, np.repeat(vectors, 2, 0), np.repeat(reference, 2, 0), [seeds[0]] * 2,
+                         on_step, **settings)
         return IconBatch(pair.images[:1], pair.objective[:1], pair.cosine[:1])
-    return optimize_icons(network, layer, vectors, reference, seeds, r, on_step)
+    return optimize_icons(network, layer, vectors, reference, seeds, on_step, **settings)
 
 
 def optimize_icons(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
-                   seeds: Sequence[int], r: RenderConfig,
-                   on_step: Callable[[int], None] | None = None) -> IconBatch:
-    """`render_icons` without its care for lone icons: a batch of one may round differently
-    from the same icon in a larger batch (see `render_icons`)."""
+              seeds: Sequence[int], on_step: Callable[[int], None] | None, *, icon_size: int, steps: int, lr: float,
+              cos_power: float, decorrelate: bool, pad: int, jitter: int, scale: float, rotate: float) -> IconBatch:
+    """`render_batch` without its care for lone icons: a batch of one may round differently
+    from the same icon in a larger batch."""
     generators = optvis.make_generators(seeds)
-    if r.decorrelate:
-        image = optvis.fourier_image(r.icon_size, generators, device=network.device)
+    if decorrelate:
+        image = optvis.fourier_image(icon_size, generators, device=network.device)
     else:
-        image = optvis.pixel_image(r.icon_size, generators, device=network.device)
-    objective = icon_objective(layer, vectors, r)
-    vis = optvis.optimize(network, objective, image, generators=generators, transform=icon_transform(r),
-                          steps=r.steps, lr=r.lr, on_step=on_step)
+        image = optvis.pixel_image(icon_size, generators, device=network.device)
+    objective = icon_objective(layer, vectors, cos_power)
+    vis = optvis.optimize(network, objective, image, generators=generators,
+                          transform=icon_transform(icon_size, pad, jitter, scale, rotate), steps=steps, lr=lr,
+                          on_step=on_step)
     pixels = (vis.images * 255).round().clamp(0, 255).to(torch.uint8)
     acts = optvis.evaluate(network, pixels.float() / 255)
     centre = optvis.at_position(acts[layer]).float()
@@ -140,6 +135,65 @@ def optimize_icons(network: optvis.Network, layer: str, vectors: np.ndarray, ref
     return IconBatch(pixels.permute(0, 2, 3, 1).cpu().numpy(),
                      objective(acts).float().cpu().numpy(),
                      optvis.cosine_at(centre, reference_t).cpu().numpy())
+
+
+def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndarray, *,
+                 reference: np.ndarray | None = None, seeds: Sequence[int] | None = None, seed: int = 0,
+                 icon_size: int = 64, steps: int = 256, lr: float = 0.05, cos_power: float = 3.0,
+                 decorrelate: bool = True, pad: int = 4, jitter: int = 4, scale: float = 0.1, rotate: float = 5.0,
+                 batch_size: int = 32, normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 device: str | torch.device = "cpu") -> IconBatch:
+    """Renders an atlas icon for each direction, in memory (no files).
+
+    Each icon maximises dot(h, v) * max(0.1, cos(h, v))^cos_power at the centre of `layer`'s map
+    for an icon-sized input, with v its direction, from a Fourier-parameterised image through
+    random pad, jitter, scale and rotation, by Adam.
+
+    Args:
+        model: an `nn.Module` (taking normalised inputs) or a `LoadedModel` (its preprocessing's
+            normalisation is used).
+        layer: a dotted layer name with a (C, H, W) output.
+        directions: (m, C) float directions, e.g. a Grid's `direction`.
+        reference: (m, C) directions the reported cosine is measured against; default `directions`.
+        seeds: m seeds, one per icon; default `icon_seed(seed, 0, i, 0, 0)` for icon i.
+        seed: see `seeds`; default 0.
+        icon_size: icon side in pixels, >= 16; default 64.
+        steps: Adam steps; default 256.
+        lr: Adam's learning rate; default 0.05.
+        cos_power: p of the objective; default 3.
+        decorrelate: decorrelated-colour Fourier image (False: plain pixels); default True.
+        pad, jitter: pixels of padding and of random translation (pad >= jitter); default 4, 4.
+        scale: random scale drawn from [1 - scale, 1 + scale]; default 0.1.
+        rotate: random rotation in degrees drawn from [-rotate, rotate]; default 5.
+        batch_size: icons optimised together; default 32.
+        normalise: [0, 1] pixels -> model input; default the LoadedModel's, else identity.
+        device: where the model runs; default "cpu". The model is moved there.
+
+    Returns:
+        IconBatch: `images` (m, S, S, 3) uint8, `objective` (m,) and `cosine` (m,) float32.
+    """
+    if isinstance(model, LoadedModel):
+        normalise = normalise or model.preprocess.normalise
+        model = model.module
+    directions = np.asarray(directions, np.float32)
+    reference = directions if reference is None else np.asarray(reference, np.float32)
+    seeds = list(seeds) if seeds is not None else [icon_seed(seed, 0, i, 0, 0) for i in range(len(directions))]
+    module = model.to(torch.device(device)).to(memory_format=torch.channels_last)
+    network = optvis.Network(module, [layer], normalise=normalise, channels_last=True)
+    settings = dict(icon_size=icon_size, steps=steps, lr=lr, cos_power=cos_power, decorrelate=decorrelate, pad=pad,
+                    jitter=jitter, scale=scale, rotate=rotate)
+    parts = [render_batch(network, layer, directions[a:a + batch_size], reference[a:a + batch_size],
+                          seeds[a:a + batch_size], **settings) for a in range(0, len(directions), batch_size)]
+    if not parts:
+        return IconBatch(np.zeros((0, icon_size, icon_size, 3), np.uint8), np.zeros(0, np.float32),
+                         np.zeros(0, np.float32))
+    return IconBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "objective", "cosine")))
+
+
+def icon_options(r: RenderConfig) -> dict[str, Any]:
+    """The keyword arguments of `render_batch` that the `[render]` table sets."""
+    return dict(icon_size=r.icon_size, steps=r.steps, lr=r.lr, cos_power=r.cos_power, decorrelate=r.decorrelate,
+                pad=r.pad, jitter=r.jitter, scale=r.scale, rotate=r.rotate)
 
 
 def member_cosines(acts: Any, grids: Sequence[Grid]) -> list[np.ndarray]:
@@ -163,13 +217,6 @@ def pick_best(objective: np.ndarray, attempts: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Stage
-
-
-def render_fingerprint(config: Config, grid: Grid, layer: str) -> str:
-    """What one grid's icons depend on: the [render] settings (less which sizes are rendered), the
-    grid's cells and directions, the layer, the model and its preprocessing."""
-    settings = dataclasses.replace(config.render, sizes=(), sizes_for={})
-    return fingerprint("render", settings, grid.digest(), layer, config.model, config.weights, config.preprocess)
 
 
 @dataclasses.dataclass
@@ -198,41 +245,33 @@ class RenderSummary:
     seconds: float
 
 
-def icons_dir(run_dir: Path, layer: str, size: int) -> Path:
-    """RUN/<map>/icons-<N> (a focus map's folder sits inside its layer's)."""
-    return Path(run_dir) / layer / f"icons-{size}"
-
-
-def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print,
-        stop_after_batches: int | None = None) -> RenderSummary:
-    """Runs the render stage: RUN/grid.h5 -> RUN/<layer>/icons-<N>/, skipping folders up to date.
+def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> RenderSummary:
+    """Runs the render stage: the current grids -> an icons folder per map and size, skipping
+    folders that are up to date.
 
     Args:
         config: the run's config (`config.render`, `config.layers`, model, weights, preprocess).
         force: render again even what is up to date.
         log: receives one summary line per grid and one overall.
-        stop_after_batches: for tests: return after this many new batches (simulates a kill).
 
     Raises:
-        AtlasError: grid.h5 missing, incomplete or made from another config; a CUDA device asked
-            for but absent; a layer whose map does not fit the icon size.
+        AtlasError: grid.h5 missing, incomplete or stale; a CUDA device asked for but absent; a
+            layer whose map does not fit the icon size.
     """
     t0 = time.perf_counter()
     r = config.render
-    run_dir = config.run_dir
-    grid_path = run_dir / GRID_NAME
-    maps = _check_grid(config, grid_path)
-    unknown = sorted(set(r.sizes_for) - {m.name for m in maps})
+    store = Run(config.run_dir, config)
+    grid_file = store.grid_file("render")
+    specs = grid_file.specs
+    unknown = sorted(set(r.sizes_for) - {m.name for m in specs})
     if unknown:
         raise AtlasError(f"render.sizes_for names {unknown[0]!r}, which is not a map of this run; its maps are "
-                         f"{', '.join(m.name for m in maps)}")
-    grids = {(m.name, size): load_grid(grid_path, m.name, size)
-             for m in maps for size in r.sizes_of(m.name, config.grid.sizes)}
-    layer_of = {m.name: m.layer for m in maps}
-    fps = {key: render_fingerprint(config, grid, layer_of[key[0]]) for key, grid in grids.items()}
-    todo = [key for key in grids if force or not _is_up_to_date(icons_dir(run_dir, *key), fps[key])]
+                         f"{', '.join(m.name for m in specs)}")
+    jobs = [(m, size) for m in specs for size in r.sizes_of(m.name, config.grid.sizes)]
+    grids = {(m.name, size): grid_file.grid(m.name, size) for m, size in jobs}
+    todo = [(m, size) for m, size in jobs if force or store.icons_state(m, grids[(m.name, size)])[0] != "current"]
     if not todo:
-        log(f"render: up to date, skipped ({len(grids)} icon folder(s) in {run_dir})")
+        log(f"render: up to date, skipped ({len(jobs)} icon folder(s) in {store.root})")
         return RenderSummary(True, [], "", time.perf_counter() - t0)
 
     keep_freed_memory()
@@ -242,25 +281,20 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     # benchmarks/render.py) and is neutral or better on a GPU.
     module = model.module.to(device).to(memory_format=torch.channels_last)
     summaries: list[GridIcons] = []
-    batches_left = [stop_after_batches]
-    with h5py.File(run_dir / ACTIVATIONS_NAME, "r") as acts_h5:
-        for layer in dict.fromkeys(m.layer for m in maps):
-            keys = [key for key in todo if layer_of[key[0]] == layer]
+    with store.activations("render") as acts:
+        for layer in dict.fromkeys(m.layer for m in specs):
+            keys = [(m, size) for m, size in todo if m.layer == layer]
             if not keys:
                 continue
             network = optvis.Network(module, [layer], normalise=model.preprocess.normalise, channels_last=True)
-            _check_layer(network, layer, grids[keys[0]], r)
-            members = member_cosines(acts_h5[f"layers/{layer}/acts"], [grids[key] for key in keys])
-            for key, member_cos in zip(keys, members):
-                summary = _render_grid(network, layer, key[0], grids[key], member_cos, config, fps[key],
-                                       batches_left, log)
-                if summary is None:  # stopped early (tests)
-                    return RenderSummary(False, summaries, str(device), time.perf_counter() - t0)
-                summaries.append(summary)
-    for name, size in grids:
-        if (name, size) not in todo:
-            summaries.append(GridIcons(name, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
-                                       icons_dir(run_dir, name, size)))
+            _check_layer(network, layer, grids[(keys[0][0].name, keys[0][1])], r.icon_size)
+            members = member_cosines(acts.layer(layer).acts, [grids[(m.name, size)] for m, size in keys])
+            for (m, size), member_cos in zip(keys, members):
+                summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, log))
+    for m, size in jobs:
+        if (m, size) not in todo:
+            summaries.append(GridIcons(m.name, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
+                                       store.icons_dir(m.name, size)))
     seconds = time.perf_counter() - t0
     rendered = [s for s in summaries if not s.skipped]
     log(f"render: {sum(s.icons for s in rendered)} icons for {len(rendered)} grid(s) in {seconds:.1f} s on "
@@ -268,63 +302,24 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     return RenderSummary(False, summaries, str(device), seconds)
 
 
-def _check_grid(config: Config, grid_path: Path) -> list[MapSpec]:
-    """Returns grid.h5's maps, or raises AtlasError if it is missing, incomplete or stale."""
-    run_dir = config.run_dir
-    if not grid_path.is_file():
-        raise AtlasError(f"{grid_path} not found; run `atlas grid {run_dir}` first")
-    fp = read_fingerprint(grid_path)
-    if fp is None:
-        raise AtlasError(f"{grid_path} is incomplete or unreadable; run `atlas grid {run_dir}` again")
-    with h5py.File(grid_path, "r") as h5:
-        layout_fp = str(h5.attrs.get("inputs", ""))
-        acts_fp = str(h5.attrs.get("activations_fingerprint", ""))
-        maps = read_maps(h5)
-    missing = [layer for layer in config.layers if layer not in {m.name for m in maps}]
-    if missing:
-        raise AtlasError(f"{grid_path} has no grids for layer(s) {', '.join(missing)}; "
-                         f"run `atlas collect {run_dir}`, `atlas layout {run_dir}` and `atlas grid {run_dir}` first")
-    if fp != grid_fingerprint(config, layout_fp, acts_fp):
-        raise AtlasError(f"{grid_path} was made with another [grid] config; run `atlas grid {run_dir}` first")
-    if read_fingerprint(run_dir / ACTIVATIONS_NAME) != acts_fp:
-        raise AtlasError(f"{grid_path} was made from other activations than {run_dir / ACTIVATIONS_NAME}; "
-                         f"run `atlas layout {run_dir}` and `atlas grid {run_dir}` first")
-    return maps
-
-
-def _check_layer(network: optvis.Network, layer: str, grid: Grid, r: RenderConfig) -> None:
+def _check_layer(network: optvis.Network, layer: str, grid: Grid, icon_size: int) -> None:
     """The layer must give a (C, H, W) map with the grid's C channels for an icon-sized input."""
     with torch.no_grad():
-        acts = optvis.evaluate(network, torch.full((1, 3, r.icon_size, r.icon_size), 0.5))[layer]
+        acts = optvis.evaluate(network, torch.full((1, 3, icon_size, icon_size), 0.5))[layer]
     if acts.dim() != 4 or acts.shape[1] != grid.direction.shape[1]:
-        raise AtlasError(f"layer {layer!r} gives activations of shape {tuple(acts.shape[1:])} for a {r.icon_size} px "
+        raise AtlasError(f"layer {layer!r} gives activations of shape {tuple(acts.shape[1:])} for a {icon_size} px "
                          f"icon, but its grid directions have {grid.direction.shape[1]} channels")
 
 
-def _is_up_to_date(folder: Path, fp: str) -> bool:
-    meta = _read_json(folder / ICONS_JSON)
-    if meta is None or meta.get("fingerprint") != fp:
-        return False
-    return all((folder / str(entry.get("file", ""))).is_file() for entry in meta.get("icons", []))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _render_grid(network: optvis.Network, layer: str, name: str, grid: Grid, member_cos: np.ndarray,
-                 config: Config, fp: str, batches_left: list[int | None], log: Callable[[str], None]
-                 ) -> GridIcons | None:
-    """Renders (or resumes) the icons of map `name`'s grid (a map of `layer`) and writes its folder;
-    None if stopped early."""
+def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid, member_cos: np.ndarray,
+                 log: Callable[[str], None]) -> GridIcons:
+    """Renders (or resumes) the icons of one map's grid and writes its folder."""
+    config = store.config
     r = config.render
+    layer, name = spec.layer, spec.name
     t0 = time.perf_counter()
-    out_dir = icons_dir(config.run_dir, name, grid.size)
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    fp = icons_fingerprint(config, grid, layer)
+    partial = store.icons_work_dir(name, grid.size)
     prepare_work_dir(partial, fp)
     m, attempts = len(grid), r.attempts
     jobs_cell = np.repeat(np.arange(m), attempts)  # job j = (cell j // attempts, attempt j % attempts)
@@ -343,12 +338,13 @@ def _render_grid(network: optvis.Network, layer: str, name: str, grid: Grid, mem
 
     vectors = grid.direction_whitened if r.whiten else grid.direction
     if vectors is None:
-        raise AtlasError("render.whiten = true but grid.h5 has no direction_whitened; set grid.whiten = true and "
-                         f"run `atlas grid {config.run_dir}` again")
+        raise AtlasError(f"render.whiten = true but {store.grid_path} has no whitened directions; set grid.whiten = "
+                         f"true and run `atlas grid {store.root}` again")
     seeds = np.array([icon_seed(r.seed, grid.size, int(grid.cell[c, 0]), int(grid.cell[c, 1]), int(a))
                       for c, a in zip(jobs_cell, jobs_attempt)], dtype=object)
     todo = np.flatnonzero(~done)
-    batch_size = r.batch_size or _auto_batch_size(network, layer, vectors, r)
+    settings = icon_options(r)
+    batch_size = r.batch_size or _auto_batch_size(network, layer, vectors, settings)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     progress = _progress(m, resumed / attempts, f"render {name} {grid.size}x{grid.size}")
     t_loop = time.perf_counter()
@@ -357,16 +353,12 @@ def _render_grid(network: optvis.Network, layer: str, name: str, grid: Grid, mem
             # Runs of consecutive jobs are stored as one part each (a batch is one run unless it
             # straddles jobs finished by an interrupted run).
             cells = jobs_cell[batch]
-            result = render_icons(network, layer, vectors[cells], grid.direction[cells], list(seeds[batch]), r,
-                                  on_step=_stepper(progress, len(batch) / (r.steps * attempts)))
+            result = render_batch(network, layer, vectors[cells], grid.direction[cells], list(seeds[batch]),
+                                  **settings, on_step=_stepper(progress, len(batch) / (r.steps * attempts)))
             images[batch], objective[batch], cosine[batch] = result.images, result.objective, result.cosine
             for run_jobs in _consecutive_runs(batch):
                 _write_part(partial, int(run_jobs[0]), int(run_jobs[-1]) + 1,
                             IconBatch(images[run_jobs], objective[run_jobs], cosine[run_jobs]))
-            if batches_left[0] is not None:
-                batches_left[0] -= 1
-                if batches_left[0] <= 0:
-                    return None
     finally:
         progress.close()
     loop_seconds = time.perf_counter() - t_loop
@@ -376,7 +368,7 @@ def _render_grid(network: optvis.Network, layer: str, name: str, grid: Grid, mem
     entries = []
     for c, j in enumerate(chosen):
         x, y = int(grid.cell[c, 0]), int(grid.cell[c, 1])
-        entries.append({"cell": [x, y], "file": f"cell-{x}-{y}.png", "objective": float(objective[j]),
+        entries.append({"cell": [x, y], "file": icon_file(x, y), "objective": float(objective[j]),
                         "cosine": float(cosine[j]), "member_cosine": float(member_cos[c]), "steps": r.steps,
                         "seed": r.seed, "attempt": int(best[c])})
     meta = {"layer": layer, "map": name, "size": grid.size, "icon_size": r.icon_size, "fingerprint": fp,
@@ -387,16 +379,16 @@ def _render_grid(network: optvis.Network, layer: str, name: str, grid: Grid, mem
             "icons": entries,
             "median_cosine": float(np.median(cosine[chosen])),
             "median_member_cosine": float(np.median(member_cos))}
-    _write_folder(out_dir, images[chosen], entries, meta)
+    icons = store.write_icons(name, grid.size, images[chosen], entries, meta)
     shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - t0
     rendered = (n_jobs - resumed) / attempts
     summary = GridIcons(name, grid.size, m, False, resumed, seconds,
                         rendered / loop_seconds if loop_seconds > 0 else 0.0,
-                        meta["median_cosine"], meta["median_member_cosine"], out_dir)
+                        meta["median_cosine"], meta["median_member_cosine"], icons.folder)
     log(f"render: {name} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s; "
         f"{r.icon_size} px, {r.steps} steps, {attempts} attempt(s)); median cosine to the cell direction: icons "
-        f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; wrote {out_dir}")
+        f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; wrote {icons.folder}")
     return summary
 
 
@@ -404,7 +396,7 @@ CPU_BATCH = 32  # render.batch_size = 0 on the CPU: past this, bigger batches ga
 MAX_BATCH = 1024
 
 
-def _auto_batch_size(network: optvis.Network, layer: str, vectors: np.ndarray, r: RenderConfig) -> int:
+def _auto_batch_size(network: optvis.Network, layer: str, vectors: np.ndarray, settings: dict[str, Any]) -> int:
     """render.batch_size = 0: CPU_BATCH on the CPU; on a GPU, as many icons as fit in half its free
     memory, from the peak memory of one step of a probe batch."""
     device = network.device
@@ -414,7 +406,7 @@ def _auto_batch_size(network: optvis.Network, layer: str, vectors: np.ndarray, r
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    render_icons(network, layer, vectors[:probe], vectors[:probe], list(range(probe)), dataclasses.replace(r, steps=1))
+    render_batch(network, layer, vectors[:probe], vectors[:probe], list(range(probe)), **{**settings, "steps": 1})
     per_icon = max(1, (torch.cuda.max_memory_allocated(device) - before) / probe)
     free, _total = torch.cuda.mem_get_info(device)
     return int(np.clip(0.5 * free / per_icon, 1, MAX_BATCH))
@@ -453,21 +445,3 @@ def _read_parts(partial: Path, n_jobs: int, icon_size: int):
             continue
         if 0 <= start < stop <= n_jobs and part.images.shape == (stop - start, icon_size, icon_size, 3):
             yield start, stop, part
-
-
-def _write_folder(out_dir: Path, images: np.ndarray, entries: list[dict], meta: dict) -> None:
-    """Writes the PNGs and icons.json into a hidden folder, then swaps it in for `out_dir`."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for image, entry in zip(images, entries):
-            Image.fromarray(image).save(tmp / entry["file"])
-        (tmp / ICONS_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

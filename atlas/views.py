@@ -9,14 +9,13 @@ Four subcommands, each writing one PNG (atomically) and printing one line:
     atlas filters MODEL                      the first RGB convolution's filters as colour tiles
 
 The pure cores (`visualize`, `deep_dream`, `feature_maps`, `pick_channels`, `maps_grid`,
-`first_rgb_conv`, `filter_tiles`, `tile_grid`) take and return tensors or arrays; the `cmd_*`
-handlers load the model and image, call a core and save. `add_view_parsers` wires them into the
-CLI's subparsers with `set_defaults(view=handler)`.
+`first_rgb_conv`, `filter_tiles`, `tile_grid`) take and return tensors or arrays; the commands
+(`vis`, `dream`, `maps`, `filters`) load the model and image, call a core and save; atlas.cli
+parses their arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 import re
@@ -29,19 +28,20 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .artifacts import atomic_path
 from .corpus import BadImage, load_image
 from .errors import AtlasError
 from .layers import check_layers, layer_shapes
 from .models import load_model
 from .models.zoo import OFFLINE_DEFAULT
-from .mosaic import font
-from .optvis import (Network, Objective, channel, class_logit, fourier_image, frozen, make_generators,
+from .draw import font
+from .optvis import (Network, Objective, class_logit, fourier_image, frozen, make_generators,
                      optimize, standard_transforms)
+from .optvis import channel as channel_objective
 from .runtime import keep_freed_memory, pick_device
+from .store import write_image
 
-__all__ = ["add_view_parsers", "cmd_dream", "cmd_filters", "cmd_maps", "cmd_vis", "deep_dream", "feature_maps",
-           "filter_tiles", "first_rgb_conv", "maps_grid", "pick_channels", "tile_grid", "visualize"]
+__all__ = ["deep_dream", "dream", "feature_maps", "filter_tiles", "filters", "first_rgb_conv", "maps", "maps_grid",
+           "pick_channels", "tile_grid", "vis", "visualize"]
 
 BACKGROUND = 255  # gap and margin colour of every grid (white)
 TEXT = (0, 0, 160)  # labels and titles: dark blue, so no text pixel is gray like a feature map
@@ -113,7 +113,7 @@ def _check_channel(model: nn.Module, input_shape: Sequence[int], layer: str, ind
 def dream_objective(layer: str, channel_index: int | None = None) -> Objective:
     """L2 norm of the layer's activations per image, or with a channel that channel's mean."""
     if channel_index is not None:
-        return channel(layer, channel_index)
+        return channel_objective(layer, channel_index)
     return Objective(lambda acts: acts[layer].flatten(1).norm(dim=1), [layer], f"L2 norm {layer}")
 
 
@@ -286,152 +286,103 @@ def _columns(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# handlers: load, call a core, save, print one line
+# The commands: load, call a core, save, print one line
 
 
-def cmd_vis(args: argparse.Namespace) -> None:
-    """`atlas vis`: writes a feature visualisation of a channel or a class logit."""
-    _check_positive(args, "size", "steps")
+def vis(model: str, *, layer: str | None = None, channel: int | None = None, class_: str | None = None,
+        size: int = 128, steps: int = 256, seed: int = 0, device: str = "auto", weights: str = "DEFAULT",
+        out: str | None = None, log=print) -> Path:
+    """`atlas vis`: writes a feature visualisation of a channel or a class logit; returns its path."""
+    _check_positive(size=size, steps=steps)
     keep_freed_memory()
-    device = pick_device(args.device)
-    loaded = load_model(args.model, args.weights)
-    model = loaded.module.to(device)
-    if args.class_ is not None:
-        if args.channel is not None:
+    torch_device = pick_device(device)
+    loaded = load_model(model, weights)
+    module = loaded.module.to(torch_device)
+    if class_ is not None:
+        if channel is not None:
             raise AtlasError("give either --channel (with --layer) or --class, not both")
-        index = resolve_class(loaded.classes, args.class_)
+        index = resolve_class(loaded.classes, class_)
         objective = class_logit(index)
         name = loaded.classes.names[index] if loaded.classes is not None else f"output {index}"
         what, stem = f"class {index} ({name})", f"class-{index}"
     else:
-        if args.layer is None or args.channel is None:
+        if layer is None or channel is None:
             raise AtlasError("give --layer and --channel (a channel's visualisation) or --class NAME (a class logit's)")
-        check_layers(model, [args.layer], args.model)
-        _check_channel(model, loaded.input_shape, args.layer, args.channel)
-        objective = channel(args.layer, args.channel)
-        what, stem = f"{args.layer} channel {args.channel}", f"{args.layer}-{args.channel}"
-    vis = visualize(model, objective, size=args.size, steps=args.steps, seed=args.seed,
-                    normalise=loaded.preprocess.normalise, device=device)
-    out = Path(args.out or f"vis-{_slug(args.model)}-{_slug(stem)}.png")
-    _save(vis.images[0], out)
-    history = vis.history.cpu()
-    print(f"wrote {out}: {args.model} {what}, {args.size}x{args.size} px, {args.steps} steps, "
-          f"objective {history[0]:.3g} -> {history[-1]:.3g}")
+        check_layers(module, [layer], model)
+        _check_channel(module, loaded.input_shape, layer, channel)
+        objective = channel_objective(layer, channel)
+        what, stem = f"{layer} channel {channel}", f"{layer}-{channel}"
+    result = visualize(module, objective, size=size, steps=steps, seed=seed, normalise=loaded.preprocess.normalise,
+                       device=torch_device)
+    path = Path(out or f"vis-{_slug(model)}-{_slug(stem)}.png")
+    _save(result.images[0], path)
+    history = result.history.cpu()
+    log(f"wrote {path}: {model} {what}, {size}x{size} px, {steps} steps, "
+        f"objective {history[0]:.3g} -> {history[-1]:.3g}")
+    return path
 
 
-def cmd_dream(args: argparse.Namespace) -> None:
-    """`atlas dream`: writes a DeepDream of a photo at a layer (or one channel)."""
-    _check_positive(args, "size", "steps", "octaves")
-    if args.octave_scale <= 1:
-        raise AtlasError(f"--octave-scale must be > 1, got {args.octave_scale}")
+def dream(image_path: str, *, layer: str, channel: int | None = None, model: str = OFFLINE_DEFAULT,
+          octaves: int = 3, octave_scale: float = 1.4, steps: int = 10, lr: float = 0.02, size: int = 384,
+          seed: int = 0, device: str = "auto", weights: str = "DEFAULT", out: str | None = None, log=print) -> Path:
+    """`atlas dream`: writes a DeepDream of a photo at a layer (or one channel); returns its path."""
+    _check_positive(size=size, steps=steps, octaves=octaves)
+    if octave_scale <= 1:
+        raise AtlasError(f"--octave-scale must be > 1, got {octave_scale}")
     keep_freed_memory()
-    device = pick_device(args.device)
-    image = _load_photo(args.image)
-    loaded = load_model(args.model, args.weights)
-    model = loaded.module.to(device)
-    check_layers(model, [args.layer], args.model)
-    if args.channel is not None:
-        _check_channel(model, loaded.input_shape, args.layer, args.channel)
-    image = _resize_longer(image, args.size)
-    pixels = _to_tensor(image).to(device)
-    dreamed = deep_dream(model, pixels, dream_objective(args.layer, args.channel), octaves=args.octaves,
-                         octave_scale=args.octave_scale, steps=args.steps, lr=args.lr,
-                         normalise=loaded.preprocess.normalise,
-                         generator=torch.Generator().manual_seed(args.seed))
-    suffix = f"-{args.channel}" if args.channel is not None else ""
-    out = Path(args.out or f"dream-{_slug(Path(args.image).stem)}-{_slug(args.layer)}{suffix}.png")
-    _save(dreamed, out)
-    print(f"wrote {out}: DeepDream of {args.image} at {args.layer}"
-          f"{f' channel {args.channel}' if args.channel is not None else ''}, {image.width}x{image.height} px, "
-          f"{args.octaves} octaves x {args.steps} steps")
+    torch_device = pick_device(device)
+    image = _load_photo(image_path)
+    loaded = load_model(model, weights)
+    module = loaded.module.to(torch_device)
+    check_layers(module, [layer], model)
+    if channel is not None:
+        _check_channel(module, loaded.input_shape, layer, channel)
+    image = _resize_longer(image, size)
+    pixels = _to_tensor(image).to(torch_device)
+    dreamed = deep_dream(module, pixels, dream_objective(layer, channel), octaves=octaves, octave_scale=octave_scale,
+                         steps=steps, lr=lr, normalise=loaded.preprocess.normalise,
+                         generator=torch.Generator().manual_seed(seed))
+    suffix = f"-{channel}" if channel is not None else ""
+    path = Path(out or f"dream-{_slug(Path(image_path).stem)}-{_slug(layer)}{suffix}.png")
+    _save(dreamed, path)
+    log(f"wrote {path}: DeepDream of {image_path} at {layer}{f' channel {channel}' if channel is not None else ''}, "
+        f"{image.width}x{image.height} px, {octaves} octaves x {steps} steps")
+    return path
 
 
-def cmd_maps(args: argparse.Namespace) -> None:
-    """`atlas maps`: writes one image's feature maps at a layer as a labelled grid."""
-    _check_positive(args, "channels")
-    device = pick_device(args.device)
-    image = _load_photo(args.image)
-    loaded = load_model(args.model, args.weights)
-    model = loaded.module.to(device)
-    check_layers(model, [args.layer], args.model)
-    maps = feature_maps(model, loaded.preprocess(image).to(device), args.layer)
-    indices = pick_channels(maps, args.channels, args.sort)
-    order = "largest mean" if args.sort == "mean" else "first"
-    title = f"{args.layer} {tuple(maps.shape)}: {len(indices)} {order} channels"
-    grid = maps_grid(maps, indices, title)
-    out = Path(args.out or f"maps-{_slug(Path(args.image).stem)}-{_slug(args.layer)}.png")
-    _save(grid, out)
-    print(f"wrote {out}: {len(indices)} of {maps.shape[0]} feature maps of {args.image} at {args.layer} "
-          f"({maps.shape[1]}x{maps.shape[2]})")
+def maps(image_path: str, *, layer: str, channels: int = 64, sort: str = "mean", model: str = OFFLINE_DEFAULT,
+         device: str = "auto", weights: str = "DEFAULT", out: str | None = None, log=print) -> Path:
+    """`atlas maps`: writes one image's feature maps at a layer as a labelled grid; returns its path."""
+    _check_positive(channels=channels)
+    torch_device = pick_device(device)
+    image = _load_photo(image_path)
+    loaded = load_model(model, weights)
+    module = loaded.module.to(torch_device)
+    check_layers(module, [layer], model)
+    values = feature_maps(module, loaded.preprocess(image).to(torch_device), layer)
+    indices = pick_channels(values, channels, sort)
+    order = "largest mean" if sort == "mean" else "first"
+    title = f"{layer} {tuple(values.shape)}: {len(indices)} {order} channels"
+    path = Path(out or f"maps-{_slug(Path(image_path).stem)}-{_slug(layer)}.png")
+    _save(maps_grid(values, indices, title), path)
+    log(f"wrote {path}: {len(indices)} of {values.shape[0]} feature maps of {image_path} at {layer} "
+        f"({values.shape[1]}x{values.shape[2]})")
+    return path
 
 
-def cmd_filters(args: argparse.Namespace) -> None:
-    """`atlas filters`: writes the first RGB convolution's filters as colour tiles."""
-    loaded = load_model(args.model, args.weights)
+def filters(model: str, *, weights: str = "DEFAULT", out: str | None = None, log=print) -> Path:
+    """`atlas filters`: writes the first RGB convolution's filters as colour tiles; returns its path."""
+    loaded = load_model(model, weights)
     name, conv = first_rgb_conv(loaded.module)
-    grid = tile_grid(filter_tiles(conv.weight))
-    out = Path(args.out or f"filters-{_slug(args.model)}.png")
-    _save(grid, out)
+    path = Path(out or f"filters-{_slug(model)}.png")
+    _save(tile_grid(filter_tiles(conv.weight)), path)
     k = conv.kernel_size
-    print(f"wrote {out}: {conv.out_channels} filters {k[0]}x{k[1]} of {args.model} layer {name}")
+    log(f"wrote {path}: {conv.out_channels} filters {k[0]}x{k[1]} of {model} layer {name}")
+    return path
 
 
-def add_view_parsers(sub) -> None:
-    """Adds the `vis`, `dream`, `maps` and `filters` subcommands; each sets `view` to its handler."""
-    model_help = f"{OFFLINE_DEFAULT}, a torchvision classifier name, or package.module:factory"
-
-    def common(p: argparse.ArgumentParser, model_option: bool) -> None:
-        if model_option:
-            p.add_argument("--model", default=OFFLINE_DEFAULT, help=f"{model_help} (default: {OFFLINE_DEFAULT})")
-        p.add_argument("--weights", default="DEFAULT",
-                       help="DEFAULT (pretrained), none (random init) or a state-dict file (default: DEFAULT)")
-        p.add_argument("--out", default=None, help="the PNG to write (default: a name in the current folder)")
-
-    p = sub.add_parser("vis", help="feature visualisation of a channel (--layer, --channel) or a class (--class)")
-    p.add_argument("model", help=model_help)
-    p.add_argument("--layer", help="dotted layer name (`atlas layers MODEL` lists them)")
-    p.add_argument("--channel", type=int, help="channel of --layer whose mean over positions is maximised")
-    p.add_argument("--class", dest="class_", metavar="NAME", help="class name or wnid whose logit is maximised")
-    p.add_argument("--size", type=int, default=128, help="image side, pixels (default: 128)")
-    p.add_argument("--steps", type=int, default=256, help="optimisation steps (default: 256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    common(p, model_option=False)
-    p.set_defaults(view=cmd_vis)
-
-    p = sub.add_parser("dream", help="DeepDream a photo at a layer (multi-octave gradient ascent)")
-    p.add_argument("image", help="the photo")
-    p.add_argument("--layer", required=True, help="dotted layer name whose activations' L2 norm is maximised")
-    p.add_argument("--channel", type=int, help="maximise this channel's mean instead")
-    p.add_argument("--octaves", type=int, default=3, help="pyramid levels (default: 3)")
-    p.add_argument("--octave-scale", type=float, default=1.4, help="side ratio between levels (default: 1.4)")
-    p.add_argument("--steps", type=int, default=10, help="gradient steps per level (default: 10)")
-    p.add_argument("--lr", type=float, default=0.02, help="step size, [0, 1] pixel units (default: 0.02)")
-    p.add_argument("--size", type=int, default=384, help="the photo's longer side is resized to this (default: 384)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random jitter (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    common(p, model_option=True)
-    p.set_defaults(view=cmd_dream)
-
-    p = sub.add_parser("maps", help="one image's feature maps at a layer as a labelled grid")
-    p.add_argument("image", help="the photo (preprocessed as for the model)")
-    p.add_argument("--layer", required=True, help="dotted layer name")
-    p.add_argument("--channels", type=int, default=64, help="how many channels to show (default: 64)")
-    p.add_argument("--sort", choices=("mean", "index"), default="mean",
-                   help="mean: the channels with the largest mean activation; index: the first ones (default: mean)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    common(p, model_option=True)
-    p.set_defaults(view=cmd_maps)
-
-    p = sub.add_parser("filters", help="the first RGB convolution's filters as colour tiles")
-    p.add_argument("model", help=model_help)
-    common(p, model_option=False)
-    p.set_defaults(view=cmd_filters)
-
-
-def _check_positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
         if value < 1:
             raise AtlasError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
@@ -456,21 +407,14 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _save(picture: torch.Tensor | np.ndarray | Image.Image, out: Path) -> None:
-    """Writes a (3, H, W) [0, 1] tensor, an (H, W, 3) uint8 array or a PIL image, atomically.
-
-    PNG unless --out names another format PIL writes (.jpg, .webp, ...); an unknown suffix is an
-    error rather than a PNG under a misleading name.
-    """
+    """Writes a (3, H, W) [0, 1] tensor, an (H, W, 3) uint8 array or a PIL image, atomically, in the
+    format --out names (PNG by default); an unknown suffix is an error, not a mislabelled PNG."""
     if isinstance(picture, torch.Tensor):
         picture = (picture.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    if isinstance(picture, np.ndarray):
-        picture = Image.fromarray(picture)
-    suffix = out.suffix.lower()
-    image_format = Image.registered_extensions().get(suffix, "PNG" if suffix in ("", ".png") else None)
-    if image_format is None:
-        raise AtlasError(f"--out {out}: unknown image format {suffix!r}; use .png (or .jpg, .webp)")
-    with atomic_path(out) as tmp:
-        picture.save(tmp, format=image_format, **({"quality": 90} if image_format == "JPEG" else {}))
+    try:
+        write_image(picture, out)
+    except ValueError as exc:
+        raise AtlasError(f"--out {out}: {exc}; use .png (or .jpg, .webp)") from None
 
 
 def _slug(text: str) -> str:

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from toy_runs import toy_config, write_activations  # noqa: E402
 
 from atlas.config import LayoutConfig  # noqa: E402
-from atlas.layout import LAYOUT_NAME, Layout, normalize_layout, run, trustworthiness_of  # noqa: E402
+from atlas.layout import normalize_layout, run, trustworthiness_of  # noqa: E402
+from atlas.store import Layout, Run  # noqa: E402
 
 JIT_PROBE = textwrap.dedent("""
     import time, warnings
@@ -128,7 +129,7 @@ def main() -> None:
             config = dataclasses.replace(toy_config(run_dir, layers=("layer",)), layout=layout_cfg)
             t0, c0 = time.perf_counter(), time.process_time()
             run(config, force=True, log=lambda _: None)
-            return (time.perf_counter() - t0, time.process_time() - c0), Layout.load(run_dir / LAYOUT_NAME)
+            return (time.perf_counter() - t0, time.process_time() - c0), Run(run_dir, config).layout()
 
         bare_times, stage_times = [], []
         for _ in range(max(1, args.repeats)):  # alternate, so drifting load on a shared machine hits both
@@ -139,7 +140,7 @@ def main() -> None:
         t_bare = min(bare_times, key=lambda t: t[1])
         trust_bare = trustworthiness_of(x[trust_idx], normalize_layout(bare)[trust_idx], cfg.trust_neighbors,
                                         cfg.metric)
-        layer = ours.layers["layer"]
+        layer = ours.maps["layer"]
         same = np.array_equal(layer.xy, normalize_layout(bare, cfg.clip_percentile, cfg.margin))
         rows.append(("umap fit_transform", n, t_bare, trust_bare))
         rows.append(("atlas layout", layer.info["n_fit"], min(stage_times, key=lambda t: t[1]),
@@ -148,7 +149,7 @@ def main() -> None:
                     ("atlas layout, fit subsample", dataclasses.replace(cfg, fit_samples=n // 4))]
         for name, layout_cfg in variants:
             seconds, result = stage(layout_cfg)
-            info = result.layers["layer"].info
+            info = result.maps["layer"].info
             rows.append((name, info["n_fit"], seconds, info["trustworthiness"]))
 
     print()

@@ -31,7 +31,7 @@ from atlas import optvis
 from atlas.config import RenderConfig
 from atlas.layers import LayerTap
 from atlas.models import load_model
-from atlas.render import optimize_icons
+from atlas.render import icon_options, optimize_icons
 from atlas.runtime import keep_freed_memory
 
 
@@ -63,7 +63,7 @@ def render_steps(network: optvis.Network, layer: str, batch: int, config: Render
     vectors = rng.random((batch, channels)).astype(np.float32)
     sync(device)
     start = time.perf_counter()
-    optimize_icons(network, layer, vectors, vectors, list(range(batch)), config)
+    optimize_icons(network, layer, vectors, vectors, list(range(batch)), None, **icon_options(config))
     sync(device)
     return batch * config.steps / (time.perf_counter() - start)
 

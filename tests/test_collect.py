@@ -12,6 +12,7 @@ import pytest
 import atlas.collect as collect
 from atlas.collect import interior_positions, sample_positions
 from atlas.config import load_config
+from atlas.store import Run
 
 from tiny import SIZE, config_text, pattern, write_images
 
@@ -85,7 +86,7 @@ def test_activations_are_the_exact_pixels_at_the_sampled_positions(tmp_path):
         assert [s.decode() for s in h5["images/status"][()]] == ["ok"] * 10
         assert h5["images/path"][0].decode() == "n01440764/img000.png"
         assert h5["classes/name"][0].decode() == "tench"
-    assert not (config.run_dir / collect.PARTS).exists()
+    assert not (Run(config.run_dir, config).collect_parts_dir).exists()
 
 
 def test_bad_images_are_skipped_and_counted(tmp_path):
@@ -119,8 +120,16 @@ def test_up_to_date_is_skipped_and_a_changed_config_starts_fresh(tmp_path, monke
     assert collect.run(config, log=lambda s: None).skipped_up_to_date
     # An interrupted run with another seed leaves parts; a third seed must not reuse them.
     other = make_config(tmp_path, seed=1)
-    collect.run(other, log=lambda s: None, stop_after_parts=1)
-    assert (other.run_dir / collect.PARTS).exists()
+    save_part = collect._Part.save
+
+    def save_then_die(part, path):  # as a kill right after the first part was written
+        save_part(part, path)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(collect._Part, "save", save_then_die)
+        collect.run(other, log=lambda s: None)
+    assert (Run(other.run_dir, other).collect_parts_dir).exists()
     third = make_config(tmp_path, seed=2)
     summary = collect.run(third, log=lambda s: None)
     assert summary.resumed_from == 0 and summary.samples["features"] == 30
@@ -139,18 +148,18 @@ import atlas.collect as collect
 from atlas.config import load_config
 collect.IMAGES_PER_PART = 4
 calls = []
-original = collect._collect_batch
+original = collect.sample_batch
 def dying(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3:  # two parts of one batch each are on disk; die inside the third
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
-collect._collect_batch = dying
+collect.sample_batch = dying
 collect.run(load_config({str(tmp_path / 'run.toml')!r}), log=print)
 """
     proc = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    parts = sorted((config.run_dir / collect.PARTS).glob("part-*.npz"))
+    parts = sorted((Run(config.run_dir, config).collect_parts_dir).glob("part-*.npz"))
     assert len(parts) == 2 and not (config.run_dir / "activations.h5").exists()
 
     import atlas.collect as fresh

@@ -1,6 +1,5 @@
 """`atlas compare` on toy runs: exact figures from the pure cores, the figure and its JSON, one-line errors."""
 
-import argparse
 import json
 import math
 import shutil
@@ -9,29 +8,19 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from toy_runs import toy_clusters, toy_config, write_activations, write_layout
+from toy_runs import toy_clusters, toy_config, write_activations, write_icons, write_layout
 
 from atlas import grid as grid_mod
-from atlas import layout as layout_mod
-from atlas.compare import (
-    GUTTER_PX,
-    MARGIN,
-    PANEL_PX,
-    add_compare_parser,
-    compare_runs,
-    compose_figure,
-    effective_neighbors,
-    figure_boxes,
-    image_embeddings,
-    mean_or_nan,
-    nearest_neighbors,
-    sample_top_classes,
-    shared_neighbor_fraction,
-    shared_neighbor_matrix,
-    top_class_shares,
-)
+from atlas.cli import build_parser
+from atlas.compare import compare_runs, mean_or_nan, sample_top_classes, top_class_shares
+from atlas.compare_figure import GUTTER_PX, MARGIN, PANEL_PX, compose_figure, figure_boxes
 from atlas.config import save_config
 from atlas.errors import AtlasError
+from atlas.focus import MapSpec, class_scores
+from atlas.neighbors import (effective_neighbors, image_embeddings, nearest_neighbors, shared_neighbor_fraction,
+                             shared_neighbor_matrix)
+from atlas.store import Run
+from atlas.store.fingerprints import preview_png_fingerprint
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
 
@@ -52,11 +41,11 @@ def test_top_class_shares_exact():
     assert math.isnan(mean_or_nan(np.array([])))
 
 
-def test_sample_top_classes_in_blocks(monkeypatch):
-    monkeypatch.setattr(layout_mod, "BLOCK_BYTES", 4 * 3 * 2)  # two rows per block
+def test_sample_top_classes_in_blocks():
     attr = np.array([[0.1, 0.5, 0.2], [1.0, -1.0, 0.0], [0.0, 0.0, 0.25], [0.5, 0.5, 0.0], [-3, -2, -1]],
                     np.float16)
     assert sample_top_classes(attr).tolist() == [1, 0, 2, 0, 2]  # ties: the lower class
+    assert class_scores(attr, (), rows=2)[0].tolist() == [1, 0, 2, 0, 2]  # read two rows at a time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,15 +159,23 @@ def toy_run(tmp_path_factory):
     rng = np.random.default_rng(1)
     corners = np.array([[0.05, 0.05], [0.95, 0.05], [0.05, 0.95], [0.95, 0.95]])
     xy = corners[cluster] + 0.01 * rng.random((n, 2))
-    write_layout(config, {"blocks.1": xy, "blocks.2": xy})
-    with h5py.File(run_dir / "layout.h5", "r+") as h5:
-        h5["blocks.1"].attrs["trustworthiness"] = 0.9  # blocks.2 has none: "not measured"
+    write_layout(config, {"blocks.1": xy, "blocks.2": xy},
+                 {"blocks.1": {"trustworthiness": 0.9}})  # blocks.2 has none: "not measured"
     save_config(config)
     grid_mod.run(config, log=lambda s: None)
-    for layer, name, colour in (("blocks.1", "atlas-4.png", RED), ("blocks.1", "atlas-2.png", GREEN),
-                                ("blocks.2", "atlas-preview-4.png", BLUE)):
-        (run_dir / layer).mkdir(exist_ok=True)
-        Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(run_dir / layer / name)
+    store = Run(run_dir, config)
+    grid_fp = store.grid_fingerprint()
+    for layer, size, kind, colour in (("blocks.1", 4, "atlas", RED), ("blocks.1", 2, "atlas", GREEN),
+                                      ("blocks.2", 4, "preview", BLUE)):
+        grid = store.grid(layer, size)
+        picture = np.full((16, 16, 3), colour, np.uint8)
+        if kind == "atlas":
+            write_icons(config, layer, grid, {tuple(c): colour for c in grid.cell.tolist()})
+            store.write_picture(picture, store.atlas_png(layer, size),
+                                store.atlas_png_fingerprint(MapSpec(layer, layer), grid, grid_fp))
+        else:
+            store.write_picture(picture, store.preview_png(layer, size),
+                                preview_png_fingerprint(config, layer, size, grid_fp))
     return run_dir
 
 
@@ -248,11 +245,10 @@ def test_two_runs_match_images_by_path(toy_run, tmp_path, capsys):
 
 
 def test_parser(toy_run, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_compare_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli.png"
-    args = parser.parse_args(["compare", str(toy_run), "--layers", "blocks.2", "--neighbors", "3", "--out", str(out)])
-    args.view(args)
+    args = build_parser().parse_args(["compare", str(toy_run), "--layers", "blocks.2", "--neighbors", "3",
+                                      "--out", str(out)])
+    args.handler(args)
     assert json.loads(out.with_suffix(".json").read_text())["neighbors"] == 3
     assert f"wrote {out}" in capsys.readouterr().out
 
@@ -272,19 +268,19 @@ def _broken(toy_run, tmp_path, what):
     elif what == "paths":
         with h5py.File(run / "activations.h5", "r+") as h5:
             h5["images/path"][...] = np.array([f"other{i}.jpg" for i in range(12)], dtype=object)
-    elif what == "stale":
-        with h5py.File(run / "grid.h5", "r+") as h5:
-            h5.attrs["activations_fingerprint"] = "something else"
+    elif what == "stale":  # recollected: the layout and everything after it are of the old activations
+        with h5py.File(run / "activations.h5", "r+") as h5:
+            h5.attrs["fingerprint"] = "recollected"
     return run
 
 
 @pytest.mark.parametrize("what, message", [
-    ("grid.h5", r"grid.h5 not found; run `atlas run .*broken` first"),
-    ("layout.h5", r"layout.h5 not found; run `atlas run"),
-    ("activations.h5", r"activations.h5 not found; run `atlas run"),
+    ("grid.h5", r"grid.h5 not found; run `atlas grid .*broken`, then render, mosaic$"),
+    ("layout.h5", r"layout.h5 not found; run `atlas layout .*`, then grid, render, mosaic$"),
+    ("activations.h5", r"activations.h5 not found; run `atlas collect .*`, then layout, grid, render, mosaic$"),
     ("config", r"has no config.toml, so it is not a run directory; build one with `atlas run CONFIG`"),
-    ("images", r"no grid size has an atlas image for every compared layer.*`atlas mosaic"),
-    ("stale", r"out of date; run `atlas run"),
+    ("images", r"no grid size has a current atlas image for every compared layer.*`atlas mosaic"),
+    ("stale", r"layout.h5 is out of date \(made from other activations\); run `atlas layout .*`, then grid, render"),
 ])
 def test_broken_run_errors(toy_run, tmp_path, what, message):
     run = _broken(toy_run, tmp_path, what)
@@ -304,7 +300,7 @@ def test_no_images_in_common(toy_run, tmp_path):
     ({"layers": ["blocks.3"]},
      r"unknown layer 'blocks.3' in --layers; did you mean blocks.2, blocks.1\? run .* has blocks.1, blocks.2$"),
     ({"grid": 3}, r"layer 'blocks.1' of run .* has no 3x3 grid \(it has 2, 4\)"),
-    ({"grid": 2}, r"blocks.2 has no atlas-2.png or atlas-preview-2.png; run `atlas mosaic"),
+    ({"grid": 2}, r"layer 'blocks.2' of run .* has no current atlas or preview image at grid 2; run `atlas mosaic"),
     ({"neighbors": 0}, r"--neighbors must be >= 1"),
 ])
 def test_option_errors(toy_run, tmp_path, kwargs, message):
@@ -314,5 +310,5 @@ def test_option_errors(toy_run, tmp_path, kwargs, message):
 
 
 def test_missing_run(tmp_path):
-    with pytest.raises(AtlasError, match="run directory .*nowhere not found; build it with `atlas run CONFIG`"):
+    with pytest.raises(AtlasError, match="run directory .*nowhere not found; build one with `atlas run CONFIG`"):
         compare_runs([tmp_path / "nowhere"])

@@ -10,9 +10,8 @@ import pytest
 from atlas import grid as grid_stage
 from atlas import layout as layout_stage
 from atlas.errors import AtlasError
-from atlas.focus import (MapSpec, class_rows, class_scores, find_class, maps_from_json, maps_to_json, pair_axis,
-                         plan_maps, slug)
-from atlas.layout import Layout
+from atlas.focus import MapSpec, class_rows, class_scores, find_class, pair_axis, plan_maps, slug
+from atlas.store import GridSet, Layout, Run, maps_from_json, maps_to_json
 from toy_runs import toy_clusters, toy_config, write_activations
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark"]
@@ -91,18 +90,18 @@ def test_class_atlas_and_pair_view_through_layout_and_grid(tmp_path):
     config, labels, attr = focus_run(tmp_path)
     layout_stage.run(config, log=quiet)
     layout = Layout.load(config.run_dir / "layout.h5")
-    assert list(layout.layers) == ["blocks.1", "blocks.1/class-goldfish", "blocks.1/pair-tench-goldfish"]
-    assert [m.kind for m in layout.maps] == ["layer", "class", "pair"]
-    assert layout.layers["blocks.1"].rows is None and len(layout.layers["blocks.1"].xy) == 160
+    assert list(layout.maps) == ["blocks.1", "blocks.1/class-goldfish", "blocks.1/pair-tench-goldfish"]
+    assert [m.kind for m in layout.specs] == ["layer", "class", "pair"]
+    assert layout.maps["blocks.1"].rows is None and len(layout.maps["blocks.1"].xy) == 160
 
     top = attr.astype(np.float16).astype(np.float32).argmax(1)
-    goldfish = layout.layers["blocks.1/class-goldfish"]
+    goldfish = layout.maps["blocks.1/class-goldfish"]
     # cluster 1's 40 samples rank goldfish first; the 30 most attributed are among them
     np.testing.assert_array_equal(goldfish.rows, np.flatnonzero(top == 1))
     assert goldfish.xy.shape == (40, 2) and goldfish.info["kind"] == "class"
     assert 0 <= goldfish.xy.min() and goldfish.xy.max() <= 1
 
-    pair = layout.layers["blocks.1/pair-tench-goldfish"]
+    pair = layout.maps["blocks.1/pair-tench-goldfish"]
     np.testing.assert_array_equal(pair.rows, np.flatnonzero((top == 0) | (top == 1)))
     # x = attribution to goldfish minus tench: tench's samples left of the middle, goldfish's right
     x = pair.xy[:, 0]
@@ -111,14 +110,14 @@ def test_class_atlas_and_pair_view_through_layout_and_grid(tmp_path):
     np.testing.assert_allclose(x, pair_axis(a16[pair.rows, 1] - a16[pair.rows, 0]), atol=1e-6)
 
     grid_stage.run(config, log=quiet)
-    grids = grid_stage.GridSet.load(config.run_dir / "grid.h5")
-    assert list(grids.grids) == list(layout.layers)
+    grids = GridSet.load(config.run_dir / "grid.h5")
+    assert list(grids.grids) == list(layout.maps)
     for name, size in (("blocks.1/class-goldfish", 2), ("blocks.1/pair-tench-goldfish", 4)):
         grid = grids.grids[name][size]
-        rows = layout.layers[name].rows
+        rows = layout.maps[name].rows
         assert np.isin(grid.index, rows).all() and grid.indptr[-1] == len(rows)  # min_count 1 keeps them all
-        with h5py.File(config.run_dir / "activations.h5", "r") as h5:
-            acts = h5["layers/blocks.1/acts"][()]
+        with Run(config.run_dir, config).activations() as run_acts:
+            acts = run_acts.layer("blocks.1").acts[()]
         for i in range(len(grid)):  # members are the layer's sample rows: directions are their means
             np.testing.assert_allclose(grid.direction[i], acts[grid.members(i)].mean(0), rtol=1e-5)
     assert (grids.grids["blocks.1/class-goldfish"][2].top_class[:, 0] == 1).all()

@@ -7,24 +7,12 @@ import numpy as np
 import pytest
 from toy_runs import file_attrs, toy_config, write_activations, write_layout
 
-from atlas import layout as layout_mod
 from atlas.cli import main as cli_main
 from atlas.config import load_config, save_config
 from atlas.errors import AtlasError
-from atlas.grid import (
-    GRID_NAME,
-    Grid,
-    GridSet,
-    bin_layout,
-    grid_cells,
-    grid_cells_multi,
-    load_class_names,
-    load_grid,
-    run,
-    top_classes,
-    whiten_directions,
-    whitening_matrix,
-)
+from atlas import blocks
+from atlas.grid import bin_grid, bin_grids, bin_layout, run, top_classes, whiten_directions, whitening_matrix
+from atlas.store import Grid, GridFile, GridSet, Run
 
 # ---------------------------------------------------------------------------------------------
 # bin_layout
@@ -71,7 +59,7 @@ def toy_grid_input():
 
 def test_grid_cells_exact_on_a_toy_layout():
     xy, acts, attr = toy_grid_input()
-    grid = grid_cells(xy, acts, attr, size=2, min_count=2, top_k=2)
+    grid = bin_grid(xy, acts, attr, 2, min_count=2, top_k=2)
     assert grid.cell.tolist() == [[0, 0], [1, 1]]  # (1, 0) has one sample < min_count
     assert grid.cell.dtype == np.int32 and grid.count.dtype == np.int32
     assert grid.count.tolist() == [3, 2]
@@ -89,17 +77,17 @@ def test_grid_cells_exact_on_a_toy_layout():
 
 def test_min_count_is_inclusive_and_without_attribution_there_are_no_labels():
     xy, acts, _ = toy_grid_input()
-    grid = grid_cells(xy, acts, None, size=2, min_count=1)
+    grid = bin_grid(xy, acts, None, 2, min_count=1)
     assert grid.cell.tolist() == [[0, 0], [1, 0], [1, 1]]
     assert grid.attr is None and grid.top_class is None
     assert grid.labels(["a"]) == [[], [], []]
-    assert len(grid_cells(xy, acts, None, size=2, min_count=3)) == 1
+    assert len(bin_grid(xy, acts, None, 2, min_count=3)) == 1
 
 
 def test_no_surviving_cell_is_an_error_that_suggests_a_fix():
     xy, acts, _ = toy_grid_input()
     with pytest.raises(AtlasError, match="smaller grid size.*lower grid.min_count"):
-        grid_cells(xy, acts, None, size=4, min_count=4)
+        bin_grid(xy, acts, None, 4, min_count=4)
 
 
 def naive_cells(xy, acts, size, min_count):
@@ -121,9 +109,9 @@ def test_grid_cells_matches_a_loop_over_cells_with_blocked_hdf5_reads(tmp_path, 
     attr = rng.normal(size=(2000, 4)).astype(np.float16)
     with h5py.File(tmp_path / "a.h5", "w") as h5:
         h5["acts"], h5["attr"] = acts, attr
-    monkeypatch.setattr(layout_mod, "BLOCK_BYTES", 7 * 4 * 5)  # 7-row blocks: many partial sums
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 7 * 4 * 5)  # 7-row blocks: many partial sums
     with h5py.File(tmp_path / "a.h5", "r") as h5:
-        grids = grid_cells_multi(xy, h5["acts"], h5["attr"], (7, 3, 7), min_count=5, top_k=2)
+        grids = bin_grids(xy, h5["acts"], h5["attr"], (7, 3, 7), min_count=5, top_k=2)
     assert list(grids) == [7, 3]
     for size, grid in grids.items():
         expected = naive_cells(xy, acts, size, 5)
@@ -140,11 +128,11 @@ def test_nan_in_activations_or_attributions_is_an_error():
     xy, acts, attr = toy_grid_input()
     acts[2, 1] = np.nan
     with pytest.raises(AtlasError, match="NaN or inf"):
-        grid_cells(xy, acts, None, 2, 1)
+        bin_grid(xy, acts, None, 2, min_count=1)
     acts[2, 1] = 0
     attr[0, 0] = np.inf
     with pytest.raises(AtlasError, match="attributions contain NaN or inf"):
-        grid_cells(xy, acts, attr, 2, 1)
+        bin_grid(xy, acts, attr, 2, min_count=1)
 
 
 def test_binning_a_million_samples_into_160x160_takes_seconds():
@@ -152,7 +140,7 @@ def test_binning_a_million_samples_into_160x160_takes_seconds():
     xy = rng.random((1_000_000, 2)).astype(np.float32)
     acts = rng.random((1_000_000, 8), dtype=np.float32)
     t0 = time.perf_counter()
-    grid = grid_cells(xy, acts, None, 160, 3)
+    grid = bin_grid(xy, acts, None, 160, min_count=3)
     assert time.perf_counter() - t0 < 20
     assert len(grid) == 160 * 160 and grid.indptr[-1] == 1_000_000  # about 39 samples per cell
 
@@ -168,7 +156,7 @@ def test_whitening_matches_a_direct_inverse(tmp_path, monkeypatch):
     moment = acts.astype(np.float64).T @ acts / len(acts)
     eps = 1e-3
     direct = np.linalg.inv(moment + eps * np.trace(moment) / 6 * np.eye(6))
-    monkeypatch.setattr(layout_mod, "BLOCK_BYTES", 4 * 6 * 64)
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 6 * 64)
     with h5py.File(tmp_path / "a.h5", "w") as h5:
         h5["acts"] = acts
         s = whitening_matrix(h5["acts"], eps)
@@ -195,7 +183,7 @@ def test_top_classes_order_ties_and_k_capped():
 
 def test_grid_find_and_labels():
     xy, acts, attr = toy_grid_input()
-    grid = grid_cells(xy, acts, attr, size=2, min_count=2, top_k=2)
+    grid = bin_grid(xy, acts, attr, 2, min_count=2, top_k=2)
     assert grid.find(1, 1) == 1 and grid.find(0, 0) == 0 and grid.find(1, 0) is None
     assert grid.labels(["cat", "dog", "eel"])[1] == [("dog", 2.0), ("eel", 2.0)]
     assert grid.labels()[0][0][0] == "class 0"
@@ -218,15 +206,15 @@ def assert_grids_equal(a: Grid, b: Grid):
 
 def test_gridset_save_load_round_trip(tmp_path):
     xy, acts, attr = toy_grid_input()
-    grids = grid_cells_multi(xy, acts, attr, (1, 2), min_count=1, top_k=2)
+    grids = bin_grids(xy, acts, attr, (1, 2), min_count=1, top_k=2)
     s = whitening_matrix(acts, 0.1)
     for grid in grids.values():
         grid.direction_whitened = whiten_directions(grid.direction, s)
-    plain = grid_cells_multi(xy, acts, None, (2,), min_count=2)
+    plain = bin_grids(xy, acts, None, (2,), min_count=2)
     original = GridSet({"blocks.1": grids, "head": plain}, {"blocks.1": s}, ["a", "b", "c"], ["n1", "n2", "n3"],
                        "fp", "layout-fp", "acts-fp", {"grid": {"sizes": [1, 2]}}, 0.1)
-    original.save(tmp_path / GRID_NAME)
-    loaded = GridSet.load(tmp_path / GRID_NAME)
+    original.save(tmp_path / "grid.h5")
+    loaded = GridSet.load(tmp_path / "grid.h5")
     assert list(loaded.grids) == ["blocks.1", "head"]
     for layer, sizes in original.grids.items():
         assert list(loaded.grids[layer]) == list(sizes)
@@ -237,17 +225,19 @@ def test_gridset_save_load_round_trip(tmp_path):
     assert (loaded.class_names, loaded.class_wnids) == (["a", "b", "c"], ["n1", "n2", "n3"])
     assert (loaded.fingerprint, loaded.inputs, loaded.activations_fingerprint) == ("fp", "layout-fp", "acts-fp")
     assert loaded.config == {"grid": {"sizes": [1, 2]}} and loaded.whiten_eps == 0.1
-    assert_grids_equal(load_grid(tmp_path / GRID_NAME, "head", 2), plain[2])
-    assert load_class_names(tmp_path / GRID_NAME) == ["a", "b", "c"]
+    grids = GridFile(tmp_path / "grid.h5")
+    assert_grids_equal(grids.grid("head", 2), plain[2])
+    assert grids.class_names == ["a", "b", "c"] and grids.sizes("blocks.1") == [1, 2]
     with pytest.raises(AtlasError, match="no 5x5 grid for 'head'"):
-        load_grid(tmp_path / GRID_NAME, "head", 5)
+        grids.grid("head", 5)
 
 
-def toy_run(tmp_path, attribution=True, **grid):
+def toy_run(tmp_path, attribution=True, fingerprint="toy-activations", **grid):
     rng = np.random.default_rng(0)
     acts = {"blocks.1": rng.random((300, 4)).astype(np.float16), "blocks.2": rng.random((300, 3)).astype(np.float16)}
     attr = {k: rng.normal(size=(300, 5)).astype(np.float32) for k in acts} if attribution else None
-    write_activations(tmp_path, acts, attr, class_names=list("abcde"), wnids=[f"n{i}" for i in range(5)])
+    write_activations(tmp_path, acts, attr, class_names=list("abcde"), wnids=[f"n{i}" for i in range(5)],
+                      fingerprint=fingerprint)
     config = toy_config(tmp_path, layers=tuple(acts), grid={"sizes": (2, 4), "min_count": 3, "top_classes": 2,
                                                            **grid})
     xy = {k: rng.random((300, 2)) for k in acts}
@@ -261,7 +251,7 @@ def test_run_writes_grid_h5_and_skips_when_up_to_date(tmp_path):
     summary = run(config, log=lines.append)
     assert not summary.skipped and set(summary.cells) == {"blocks.1", "blocks.2"}
     assert len(lines) == 3 and lines[0].startswith("grid: layer blocks.1: 300 samples; 2x2 4 cells")
-    path = tmp_path / GRID_NAME
+    path = tmp_path / "grid.h5"
     attrs = file_attrs(path)
     assert attrs["stage"] == "grid" and attrs["complete"] and attrs["layers"] == ["blocks.1", "blocks.2"]
     assert attrs["sizes"] == [2, 4] and attrs["config"]["grid"]["min_count"] == 3
@@ -274,8 +264,8 @@ def test_run_writes_grid_h5_and_skips_when_up_to_date(tmp_path):
         assert "direction_whitened" not in g and "whitening" not in h5["blocks.2"]
         assert list(h5["classes/name"].asstr()[()]) == list("abcde")
         assert h5["classes/wnid"].asstr()[0] == "n0"
-    expected = grid_cells(xy["blocks.2"], acts["blocks.2"], attr["blocks.2"].astype(np.float16), 4, 3, top_k=2)
-    assert_grids_equal(load_grid(path, "blocks.2", 4), expected)
+    expected = bin_grid(xy["blocks.2"], acts["blocks.2"], attr["blocks.2"].astype(np.float16), 4, min_count=3, top_k=2)
+    assert_grids_equal(Run(tmp_path, config).grid("blocks.2", 4), expected)
 
     lines.clear()
     assert run(config, log=lines.append).skipped
@@ -286,12 +276,12 @@ def test_run_writes_grid_h5_and_skips_when_up_to_date(tmp_path):
 def test_changed_grid_config_redoes_and_whitening_is_stored(tmp_path):
     config, acts, _, _ = toy_run(tmp_path)
     run(config, log=lambda _: None)
-    before = file_attrs(tmp_path / GRID_NAME)["fingerprint"]
+    before = file_attrs(tmp_path / "grid.h5")["fingerprint"]
     changed = toy_config(tmp_path, layers=config.layers, grid={"sizes": (2, 4), "min_count": 3, "top_classes": 2,
                                                               "whiten": True})
     assert not run(changed, log=lambda _: None).skipped
-    assert file_attrs(tmp_path / GRID_NAME)["fingerprint"] != before
-    gs = GridSet.load(tmp_path / GRID_NAME)
+    assert file_attrs(tmp_path / "grid.h5")["fingerprint"] != before
+    gs = GridSet.load(tmp_path / "grid.h5")
     s = gs.whitening["blocks.1"]
     np.testing.assert_allclose(s, whitening_matrix(acts["blocks.1"], changed.grid.whiten_eps), rtol=1e-6)
     grid = gs.grids["blocks.1"][4]
@@ -301,7 +291,7 @@ def test_changed_grid_config_redoes_and_whitening_is_stored(tmp_path):
 def test_grid_refuses_a_missing_or_stale_layout(tmp_path):
     config, _, _, _ = toy_run(tmp_path)
     stale = toy_config(tmp_path, layers=config.layers, layout={"min_dist": 0.5})
-    with pytest.raises(AtlasError, match="layout.h5 is out of date.*atlas layout"):
+    with pytest.raises(AtlasError, match=r"layout.h5 is out of date \(made with another \[layout\] config.*atlas layout"):
         run(stale, log=lambda _: None)
     (tmp_path / "layout.h5").unlink()
     with pytest.raises(AtlasError, match="layout.h5 not found; run `atlas layout"):
@@ -314,13 +304,10 @@ def test_grid_refuses_a_missing_or_stale_layout(tmp_path):
 def test_new_activations_redo_the_grid_and_no_attribution_means_no_labels(tmp_path):
     config, _, _, _ = toy_run(tmp_path)
     run(config, log=lambda _: None)
-    config, _, _, _ = toy_run(tmp_path, attribution=False)  # new activations.h5 and layout.h5
-    # same fingerprint attr in the toy activations, so make it differ the way a recollect would
-    with h5py.File(tmp_path / "activations.h5", "a") as h5:
-        h5.attrs["fingerprint"] = "recollected"
+    config, _, _, _ = toy_run(tmp_path, attribution=False, fingerprint="recollected")  # new activations, layout
     write_layout(config, {k: np.random.default_rng(1).random((300, 2)) for k in config.layers})
     assert not run(config, log=lambda _: None).skipped
-    grid = load_grid(tmp_path / GRID_NAME, "blocks.1", 2)
+    grid = Run(tmp_path, config).grid("blocks.1", 2)
     assert grid.attr is None and grid.top_class is None
 
 
@@ -328,7 +315,7 @@ def test_run_names_the_layer_when_no_cell_survives(tmp_path):
     config, _, _, _ = toy_run(tmp_path, sizes=(40,), min_count=50)
     with pytest.raises(AtlasError, match="grid of layer 'blocks.1': no cell of the 40x40 grid"):
         run(config, log=lambda _: None)
-    assert not (tmp_path / GRID_NAME).exists()
+    assert not (tmp_path / "grid.h5").exists()
 
 
 def test_cli_grid_on_a_run_directory(tmp_path, capsys):
@@ -340,4 +327,4 @@ def test_cli_grid_on_a_run_directory(tmp_path, capsys):
     write_layout(load_config(tmp_path), {"blocks.1": rng.random((100, 2))})
     assert cli_main(["grid", str(tmp_path)]) == 0
     assert "grid: layer blocks.1: 100 samples" in capsys.readouterr().out
-    assert len(load_grid(tmp_path / GRID_NAME, "blocks.1", 2)) == 4
+    assert len(Run.open(tmp_path).grid("blocks.1", 2)) == 4

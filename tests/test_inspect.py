@@ -1,31 +1,21 @@
 """`atlas inspect` and `atlas patches` on a toy run: pure cores, the panel, and one-line errors."""
 
-import argparse
-import dataclasses
 import json
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
 from tiny import pattern
-from toy_runs import toy_config, write_activations, write_layout
+from toy_runs import toy_config, write_activations, write_icons, write_layout
 
 from atlas import grid as grid_mod
+from atlas.cli import build_parser
 from atlas.config import save_config
+from atlas.draw import TILE_PX, compose_panel, panel_boxes, square_inside
 from atlas.errors import AtlasError
-from atlas.inspect import (
-    TILE_PX,
-    add_inspect_parsers,
-    cells_for_class,
-    compose_panel,
-    find_class,
-    label_mix,
-    nearest_kept_cell,
-    panel_boxes,
-    pick_aligned_members,
-    top_classes_text,
-)
+from atlas.focus import find_class
+from atlas.inspect import cells_for_class, label_mix, nearest_kept_cell, pick_aligned_members, top_classes_text
+from atlas.store import Run
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
 
@@ -106,15 +96,13 @@ def toy_run(tmp_path_factory):
     attr = np.zeros((n, len(NAMES)), np.float32)
     attr[np.arange(n), cluster] = 1.0
     attr[:, 4] = 0.01
-    config = toy_config(run_dir, layers=("deep",), grid={"sizes": (4, 2), "min_count": 3, "top_classes": 3})
-    config = dataclasses.replace(config, model="tiny:make", preprocess={"size": 8, "resize": 8})
+    config = toy_config(run_dir, layers=("deep",), grid={"sizes": (4, 2), "min_count": 3, "top_classes": 3},
+                        model="tiny:make", preprocess={"size": 8, "resize": 8})
     write_activations(run_dir, {"deep": acts}, {"deep": attr}, n_images=n_images, class_names=NAMES,
-                      wnids=[f"n{k:08d}" for k in range(len(NAMES))])
-    with h5py.File(run_dir / "activations.h5", "r+") as h5:
-        h5["images/label"][...] = np.arange(n_images) % 3
-        h5["layers/deep/yx"][...] = np.stack([np.arange(n) % 4, (np.arange(n) // 4) % 4], axis=1)
-        h5.attrs["layer_shapes"] = json.dumps({"deep": [4, 4, 4]})
-        h5.attrs["preprocess"] = json.dumps({"size": 8, "resize": 8, "interpolation": "bilinear"})
+                      wnids=[f"n{k:08d}" for k in range(len(NAMES))], config=config,
+                      labels=np.arange(n_images) % 3,
+                      yx={"deep": np.stack([np.arange(n) % 4, (np.arange(n) // 4) % 4], axis=1)},
+                      shapes={"deep": [4, 4, 4]}, preprocess={"size": 8, "resize": 8, "interpolation": "bilinear"})
     corners = np.array([[0.05, 0.05], [0.95, 0.05], [0.05, 0.95], [0.95, 0.95]])
     write_layout(config, {"deep": corners[cluster] + 0.01 * rng.random((n, 2))})
     (run_dir / "images").mkdir()
@@ -122,17 +110,13 @@ def toy_run(tmp_path_factory):
         Image.fromarray(pattern(i)).save(run_dir / "images" / f"img{i}.jpg", quality=95)
     save_config(config)
     grid_mod.run(config, log=lambda s: None)
-    icons = run_dir / "deep" / "icons-4"
-    icons.mkdir(parents=True)
-    Image.fromarray(np.full((8, 8, 3), 77, np.uint8)).save(icons / "cell-0-0.png")
+    write_icons(config, "deep", Run(run_dir, config).grid("deep", 4), {(0, 0): (77, 77, 77)})
     return run_dir
 
 
 def _cli(*argv):
-    parser = argparse.ArgumentParser()
-    add_inspect_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    args.view(args)
+    args = build_parser().parse_args([str(a) for a in argv])
+    args.handler(args)
 
 
 def test_inspect_cell_writes_panel_and_json(toy_run, capsys):
@@ -192,17 +176,17 @@ def test_errors_are_one_line(toy_run, argv, message):
 def test_missing_grid(toy_run, tmp_path):
     import shutil
 
+    from atlas.config import load_config
+
     run = tmp_path / "run"
     shutil.copytree(toy_run, run)
     (run / "grid.h5").unlink()
-    (run / "config.toml").write_text((run / "config.toml").read_text().replace(str(toy_run), str(run)))
+    save_config(load_config(run))
     with pytest.raises(AtlasError, match="grid.h5 not found; run `atlas grid"):
         _cli("inspect", run, "--layer", "deep", "--grid", 4, "--cell", 0, 0)
 
 
 def test_square_inside_keeps_fields_within_the_input():
-    from atlas.inspect import square_inside
-
     boxes = np.array([[10, 20, 50, 60], [-30, -30, 30, 30], [-200, -150, 400, 450], [200, 0, 260, 60]], float)
     np.testing.assert_array_equal(square_inside(boxes, 224), [[10, 20, 50, 60], [0, 0, 60, 60],
                                                               [0, 0, 224, 224], [164, 0, 224, 60]])

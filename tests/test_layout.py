@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 from toy_runs import file_attrs, toy_clusters, toy_config, write_activations
 
+from atlas import blocks
 from atlas import layout as layout_mod
 from atlas.config import LayoutConfig
 from atlas.errors import AtlasError
-from atlas.layout import (
-    LAYOUT_NAME,
-    LayerLayout,
-    Layout,
-    check_spread,
-    fit_projection,
-    normalize_layout,
-    reduce_to_2d,
-    run,
-    trustworthiness_of,
-)
+from atlas.focus import MapSpec
+from atlas.layout import check_spread, fit_projection, layout_2d, normalize_layout, run, trustworthiness_of
+from atlas.store import Layout, MapLayout
 
 
 def neighbour_purity(xy, labels, query, reference):
@@ -90,15 +83,14 @@ def test_check_spread_rejects_identical_and_parallel_rows():
 
 
 # ---------------------------------------------------------------------------------------------
-# reduce_to_2d (runs UMAP)
+# layout_2d (runs UMAP)
 
 CLUSTERS = toy_clusters(600, 16, 6, seed=0)
 
 
 def test_layout_of_separated_clusters_is_trustworthy_and_reproducible():
     acts, labels = CLUSTERS
-    cfg = LayoutConfig(trust_samples=400)
-    xy, info = reduce_to_2d(acts, cfg)
+    xy, info = layout_2d(acts, trust_samples=400)
     assert xy.shape == (600, 2) and xy.dtype == np.float32
     assert (xy.min(0) == 0).all() and (xy.max(0) == 1).all()
     assert info["trustworthiness"] > 0.9
@@ -106,18 +98,18 @@ def test_layout_of_separated_clusters_is_trustworthy_and_reproducible():
     assert info["metric"] == "cosine" and info["trust_samples"] == 400
     everyone = np.arange(600)
     assert neighbour_purity(xy, labels, everyone[::7], np.setdiff1d(everyone, everyone[::7])) > 0.95
-    again, _ = reduce_to_2d(acts.copy(), cfg)
+    again, _ = layout_2d(acts.copy(), trust_samples=400)
     np.testing.assert_array_equal(xy, again)
 
 
 def test_subsample_fit_places_the_rest_with_transform(tmp_path, monkeypatch):
     acts, labels = CLUSTERS
-    cfg = LayoutConfig(fit_samples=250, trust_samples=300, seed=3)
-    xy, info = reduce_to_2d(acts, cfg)
-    monkeypatch.setattr(layout_mod, "BLOCK_BYTES", 4 * 16 * 50)  # read the file 50 rows at a time
+    cfg = dict(fit_samples=250, trust_samples=300, seed=3)
+    xy, info = layout_2d(acts, **cfg)
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 16 * 50)  # read the file 50 rows at a time
     with h5py.File(tmp_path / "a.h5", "w") as h5:
         h5["acts"] = acts
-        from_file, _ = reduce_to_2d(h5["acts"], cfg)
+        from_file, _ = layout_2d(h5["acts"], **cfg)
     np.testing.assert_array_equal(from_file, xy)
     assert info["n_fit"] == 250 and info["n_samples"] == 600 and info["transform_seconds"] > 0
     assert info["knn"] == "exact"
@@ -134,24 +126,24 @@ def test_nearest_neighbour_descent_fit_and_transform(monkeypatch):
     # forced here on a tiny array (compiling that path takes tens of seconds, hence slow).
     acts, labels = CLUSTERS
     monkeypatch.setattr(layout_mod, "EXACT_KNN_PAIRS", 0)
-    cfg = LayoutConfig(fit_samples=250, trust_samples=300, seed=3)
-    xy, info = reduce_to_2d(acts, cfg)
+    cfg = dict(fit_samples=250, trust_samples=300, seed=3)
+    xy, info = layout_2d(acts, **cfg)
     assert info["knn"] == "nn-descent" and info["n_fit"] == 250
     fit = np.sort(np.random.default_rng(3).choice(600, 250, replace=False))
     assert neighbour_purity(xy, labels, np.setdiff1d(np.arange(600), fit), fit) > 0.95
-    np.testing.assert_array_equal(reduce_to_2d(acts, cfg)[0], xy)
+    np.testing.assert_array_equal(layout_2d(acts, **cfg)[0], xy)
 
 
 def test_pca_option_records_what_it_kept():
     acts, _ = CLUSTERS
-    xy, info = reduce_to_2d(acts, LayoutConfig(pca_dims=5, trust_samples=300))
+    xy, info = layout_2d(acts, pca_dims=5, trust_samples=300)
     assert info["pca_dims"] == 5 and 0 < info["pca_variance"] <= 1
     assert info["trustworthiness"] > 0.9
 
 
 def test_fewer_samples_than_neighbours_lowers_n_neighbors():
     acts, _ = toy_clusters(12, 8, 2, seed=1)
-    xy, info = reduce_to_2d(acts, LayoutConfig(n_neighbors=20))
+    xy, info = layout_2d(acts, n_neighbors=20)
     assert info["n_neighbors"] == 11 and info["n_neighbors_requested"] == 20
     assert xy.shape == (12, 2) and np.isfinite(xy).all()
 
@@ -166,14 +158,14 @@ def test_fewer_samples_than_neighbours_lowers_n_neighbors():
 def test_degenerate_input_is_a_clear_error_before_umap(make, message):
     acts, _ = toy_clusters(40, 8, 2)
     with pytest.raises(AtlasError, match=message):
-        reduce_to_2d(make(acts).astype(np.float32), LayoutConfig())
+        layout_2d(make(acts).astype(np.float32))
 
 
 def test_unknown_metric_is_an_error():
     with pytest.raises(AtlasError, match="did you mean 'cosine'"):
-        reduce_to_2d(np.zeros((10, 2), np.float32), LayoutConfig(metric="cosin"))
+        layout_2d(np.zeros((10, 2), np.float32), metric="cosin")
     with pytest.raises(AtlasError, match="layout.metric must be one of"):
-        LayoutConfig(metric="cosin").validate()
+        LayoutConfig(metric="cosin")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,18 +174,25 @@ def test_unknown_metric_is_an_error():
 
 def test_layout_save_load_round_trip(tmp_path):
     info = {"n_samples": 3, "metric": "cosine", "trustworthiness": 0.5, "min_dist": 0.01}
-    original = Layout({"blocks.10": LayerLayout(np.array([[0, 1], [0.5, 0.5], [1, 0]], np.float32), info),
-                       "a.b.c": LayerLayout(np.zeros((0, 2), np.float32), {})},
-                      "fp", "acts-fp", {"layout": {"seed": 0}})
-    original.save(tmp_path / LAYOUT_NAME)
-    loaded = Layout.load(tmp_path / LAYOUT_NAME)
-    assert list(loaded.layers) == ["blocks.10", "a.b.c"]
-    for name, layer in original.layers.items():
-        np.testing.assert_array_equal(loaded.layers[name].xy, layer.xy)
-        assert loaded.layers[name].xy.dtype == np.float32
-        assert loaded.layers[name].info == layer.info
+    rows = np.array([0, 2], np.int64)
+    original = Layout({"blocks.10": MapLayout(np.array([[0, 1], [0.5, 0.5], [1, 0]], np.float32), info),
+                       "a.b.c": MapLayout(np.zeros((0, 2), np.float32), {}),
+                       "blocks.10/class-tench": MapLayout(np.array([[0, 0], [1, 1]], np.float32), {"kind": "class"},
+                                                          rows)},
+                      "fp", "acts-fp", {"layout": {"seed": 0}},
+                      [MapSpec("blocks.10", "blocks.10"), MapSpec("a.b.c", "a.b.c"),
+                       MapSpec("blocks.10/class-tench", "blocks.10", "class", (0,), ("tench",))])
+    original.save(tmp_path / "layout.h5")
+    loaded = Layout.load(tmp_path / "layout.h5")
+    assert list(loaded.maps) == ["blocks.10", "a.b.c", "blocks.10/class-tench"] and loaded.specs == original.specs
+    for name, layout in original.maps.items():
+        np.testing.assert_array_equal(loaded.maps[name].xy, layout.xy)
+        assert loaded.maps[name].xy.dtype == np.float32
+        assert loaded.maps[name].info == layout.info
+    np.testing.assert_array_equal(loaded.maps["blocks.10/class-tench"].rows, rows)
+    assert loaded.maps["blocks.10"].rows is None
     assert (loaded.fingerprint, loaded.inputs, loaded.config) == ("fp", "acts-fp", {"layout": {"seed": 0}})
-    assert list(Layout.load(tmp_path / LAYOUT_NAME, ["a.b.c"]).layers) == ["a.b.c"]
+    assert list(Layout.load(tmp_path / "layout.h5", ["a.b.c"]).maps) == ["a.b.c"]
 
 
 def test_run_writes_layout_h5_skips_when_up_to_date_and_redoes_on_change(tmp_path):
@@ -205,7 +204,7 @@ def test_run_writes_layout_h5_skips_when_up_to_date_and_redoes_on_change(tmp_pat
     assert not summary.skipped and summary.samples == {"blocks.1": 120, "blocks.2": 120}
     assert len(lines) == 3 and lines[0].startswith("layout: layer blocks.1: 120 samples")
     assert "trustworthiness" in lines[0] and lines[2].startswith("layout: 2 layer(s), 240 samples")
-    path = tmp_path / LAYOUT_NAME
+    path = tmp_path / "layout.h5"
     attrs = file_attrs(path)
     assert attrs["stage"] == "layout" and attrs["complete"] and attrs["inputs"] == "toy-activations"
     assert attrs["layers"] == ["blocks.1", "blocks.2"] and attrs["config"]["layout"]["n_neighbors"] == 10
@@ -222,10 +221,10 @@ def test_run_writes_layout_h5_skips_when_up_to_date_and_redoes_on_change(tmp_pat
     changed = dataclasses.replace(config, layout=LayoutConfig(n_neighbors=10, min_dist=0.5))
     assert not run(changed, log=lambda _: None).skipped
     assert file_attrs(path)["fingerprint"] != attrs["fingerprint"]
-    assert not np.array_equal(Layout.load(path).layers["blocks.1"].xy, first.layers["blocks.1"].xy)
+    assert not np.array_equal(Layout.load(path).maps["blocks.1"].xy, first.maps["blocks.1"].xy)
 
-    with h5py.File(tmp_path / "activations.h5", "a") as h5:
-        h5.attrs["fingerprint"] = "recollected"
+    write_activations(tmp_path, {"blocks.1": acts.astype(np.float16), "blocks.2": acts[:, :4]},
+                      fingerprint="recollected", config=changed)
     assert not run(changed, log=lambda _: None).skipped
     assert file_attrs(path)["inputs"] == "recollected"
 
@@ -236,9 +235,12 @@ def test_run_errors_name_the_missing_input_or_the_layer(tmp_path):
         run(config)
     acts, _ = toy_clusters(40, 8, 2)
     write_activations(tmp_path, {"blocks.1": acts}, complete=False)
-    with pytest.raises(AtlasError, match="incomplete; run `atlas collect"):
+    with pytest.raises(AtlasError, match="incomplete or unreadable; run `atlas collect"):
         run(config)
     write_activations(tmp_path, {"blocks.9": acts})
+    with pytest.raises(AtlasError, match=r"out of date \(collected with layers = \[.blocks.9.\], now \[.blocks.1.\]\)"):
+        run(config)
+    write_activations(tmp_path, {"blocks.9": acts}, config=config)
     with pytest.raises(AtlasError, match="no layer 'blocks.1'"):
         run(config)
     write_activations(tmp_path, {"blocks.1": np.ones_like(acts)})
@@ -247,7 +249,7 @@ def test_run_errors_name_the_missing_input_or_the_layer(tmp_path):
     write_activations(tmp_path, {"blocks.1": np.zeros((0, 8), np.float16)})
     with pytest.raises(AtlasError, match="0 samples are too few"):
         run(config)
-    assert not (tmp_path / LAYOUT_NAME).exists()
+    assert not (tmp_path / "layout.h5").exists()
 
 
 def test_cli_layout_then_grid_on_a_run_directory(tmp_path, capsys):

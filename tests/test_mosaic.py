@@ -7,27 +7,15 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from toy_runs import toy_clusters, toy_config, write_activations, write_layout
+from toy_runs import toy_clusters, toy_config, write_activations, write_icons, write_layout
 
 from atlas import grid as grid_mod
 from atlas.config import MosaicConfig
+from atlas.draw import patch_box, window_patch, wrap_label
 from atlas.errors import AtlasError
-from atlas.grid import Grid
-from atlas.mosaic import (
-    FINGERPRINT_KEY,
-    cell_scale,
-    compose_mosaic,
-    draw_labels,
-    input_pixels,
-    mean_patch,
-    member_cosine,
-    patch_box,
-    pick_members,
-    place_cells,
-    run,
-    window_patch,
-    wrap_label,
-)
+from atlas.mosaic import cell_scale, compose_atlas, compose_mosaic, draw_labels, place_cells, run
+from atlas.preview import mean_patch, member_cosine, pick_members
+from atlas.store import FINGERPRINT_KEY, Grid, Run
 
 WHITE = [255, 255, 255]
 
@@ -137,7 +125,7 @@ def test_mean_patch_averages_only_where_patches_cover():
 
 
 @pytest.mark.parametrize("shape", [(50, 37), (37, 50), (32, 32), (300, 200)])
-def test_input_pixels_match_the_models_preprocess(shape):
+def test_the_preprocess_crop_is_the_network_input_before_scaling(shape):
     from atlas.models import Preprocess
 
     rng = np.random.default_rng(0)
@@ -145,7 +133,7 @@ def test_input_pixels_match_the_models_preprocess(shape):
     for interpolation in ("bilinear", "bicubic"):
         pre = Preprocess(size=28, resize=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), interpolation=interpolation)
         expected = pre.to_pixels(pre(image)).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-        assert np.array_equal(np.asarray(input_pixels(image, 28, 32, interpolation)), expected)
+        assert np.array_equal(np.asarray(pre.crop(image)), expected)
 
 
 def test_pick_members_keeps_the_best_scored_per_cell_ties_to_the_earlier():
@@ -208,17 +196,13 @@ def make_run(tmp_path, mosaic=None, n_per=12):
     rng = np.random.default_rng(0)
     attr = np.zeros((len(acts), 3), np.float32)
     attr[np.arange(len(acts)), labels % 3] = 1.0  # cell k's top class is k % 3
-    config = toy_config(tmp_path, grid={"sizes": (2,), "min_count": 1, "top_classes": 2})
-    config = dataclasses.replace(config, mosaic=MosaicConfig(**{"icon_px": 16, **(mosaic or {})}))
+    config = toy_config(tmp_path, grid={"sizes": (2,), "min_count": 1, "top_classes": 2},
+                        mosaic=MosaicConfig(**{"icon_px": 16, **(mosaic or {})}))
     write_activations(tmp_path, {"blocks.1": acts}, {"blocks.1": attr}, n_images=clusters,
-                      class_names=["tench", "great white shark", "hen"])
-    with h5py.File(tmp_path / "activations.h5", "a") as h5:
-        del h5["images/path"]
-        h5.create_dataset("images/path", data=np.array([f"sub/img{i}.png" for i in range(clusters)], dtype=object),
-                          dtype=h5py.string_dtype())
-        h5["layers/blocks.1/yx"][...] = rng.integers(0, 7, (len(acts), 2))
-        h5.attrs["preprocess"] = json.dumps({"size": 28, "resize": 32, "interpolation": "bilinear",
-                                             "mean": [0.5] * 3, "std": [0.5] * 3})
+                      class_names=["tench", "great white shark", "hen"],
+                      paths=[f"sub/img{i}.png" for i in range(clusters)], yx={"blocks.1": rng.integers(0, 7, (len(acts), 2))},
+                      preprocess={"size": 28, "resize": 32, "interpolation": "bilinear", "mean": [0.5] * 3,
+                                  "std": [0.5] * 3})
     centres = np.array(CELL_OF_CLUSTER) * 0.5 + 0.25
     write_layout(config, {"blocks.1": centres[labels] + rng.uniform(-0.1, 0.1, (len(acts), 2))})
     (tmp_path / "images" / "sub").mkdir(parents=True)
@@ -283,36 +267,48 @@ def test_a_missing_source_image_is_left_out_not_a_crash(tmp_path):
     assert (cell_pixels(image, 0, 0)[4:12, 4:12] == COLOURS[0]).all()
 
 
-def write_icons(run_dir, cells, size=2, px=20, fp="icons-fp-1", files=None):
-    folder = run_dir / "blocks.1" / f"icons-{size}"
-    folder.mkdir(parents=True, exist_ok=True)
-    icons = []
-    for k, (x, y) in enumerate(cells):
-        name = f"cell-{x}-{y}.png"
-        Image.new("RGB", (px, px), (10 * k, 100, 50)).save(folder / name)
-        icons.append({"cell": [x, y], "file": name, "objective": 1.0, "cosine": 0.5})
-    (folder / "icons.json").write_text(json.dumps({"layer": "blocks.1", "size": size, "icon_size": px,
-                                                   "fingerprint": fp, "icons": icons}))
-    return folder
+def icon_colour(k):
+    return (10 * k, 100, 50)
 
 
-def test_atlas_from_icons_with_a_missing_icon_left_white(tmp_path):
+def test_atlas_from_icons_and_stale_icons_are_refused(tmp_path):
     config = make_run(tmp_path, {"preview": False})
-    folder = write_icons(tmp_path, [(0, 0), (1, 0), (1, 1)])  # no icon for (0, 1)
-    (folder / "icons.json").unlink()
-    assert run(config, log=lambda s: None).written == []  # render not finished: no icons.json yet
-    write_icons(tmp_path, [(0, 0), (1, 0), (1, 1)])
-    (folder / "cell-1-0.png").unlink()  # listed but gone
+    store = Run(tmp_path, config)
+    grid = store.grid("blocks.1", 2)
+    assert run(config, log=lambda s: None).written == []  # not rendered yet: nothing to draw
+    folder = write_icons(config, "blocks.1", grid, {(0, 0): icon_colour(0), (1, 0): icon_colour(1),
+                                                    (1, 1): icon_colour(2)}, px=20)  # no icon for (0, 1)
+    (folder / "cell-1-0.png").write_bytes(b"not a png")  # unreadable: drawn white and counted
     summary = run(config, log=lambda s: None)
     path = tmp_path / "blocks.1" / "atlas-2.png"
     assert summary.written == [path] and summary.missing_icons == 2
     image, _ = read_png(path)
-    assert (cell_pixels(image, 0, 0) == [0, 100, 50]).all()  # a 20 px icon drawn at 16 px
-    assert (cell_pixels(image, 1, 1) == [20, 100, 50]).all()
+    assert (cell_pixels(image, 0, 0) == icon_colour(0)).all()  # a 20 px icon drawn at 16 px
+    assert (cell_pixels(image, 1, 1) == icon_colour(2)).all()
     assert (cell_pixels(image, 1, 0) == WHITE).all() and (cell_pixels(image, 0, 1) == WHITE).all()
     assert run(config, log=lambda s: None).written == []
-    write_icons(tmp_path, [(0, 0), (1, 0), (1, 1)], fp="icons-fp-2")  # re-rendered
-    assert run(config, log=lambda s: None).written == [path]
+
+    other = dataclasses.replace(config, render=dataclasses.replace(config.render, steps=7))
+    write_icons(other, "blocks.1", grid, {(0, 0): icon_colour(3)}, px=20)  # rendered with other settings
+    assert run(other, log=lambda s: None).written == [path]
+    assert (cell_pixels(read_png(path)[0], 0, 0) == icon_colour(3)).all()
+    with pytest.raises(AtlasError, match=r"icons-2 is out of date .*run `atlas render .*`, then mosaic"):
+        run(config, log=lambda s: None)  # those icons are not the ones this config renders
+    (folder / "cell-0-0.png").unlink()  # listed but gone: render must redo the folder
+    with pytest.raises(AtlasError, match="atlas render"):
+        run(other, log=lambda s: None)
+
+
+def test_compose_atlas_places_icons_and_scales_sparse_cells():
+    cells = np.array([[0, 0], [1, 1]])
+    picture = compose_atlas([solid([200, 0, 0], 8), solid([0, 0, 200], 8)], cells, 2)
+    assert picture.shape == (16, 16, 3)
+    assert (picture[8:, :8] == [200, 0, 0]).all() and (picture[:8, 8:] == [0, 0, 200]).all()
+    assert (picture[:8, :8] == WHITE).all()
+    scaled = compose_atlas([solid([200, 0, 0], 8), solid([0, 0, 200], 8)], cells, 2, icon_px=10,
+                           counts=np.array([1, 100]))
+    assert scaled.shape == (20, 20, 3) and (scaled[0:10, 10:20] == [0, 0, 200]).all()
+    assert (scaled[10:20, 0:10] == WHITE).any()  # the sparse cell's icon is smaller than its square
 
 
 def test_labels_write_a_separate_labelled_image(tmp_path):
@@ -328,19 +324,19 @@ def test_labels_write_a_separate_labelled_image(tmp_path):
 
 def test_missing_or_stale_inputs_are_one_line_errors(tmp_path):
     config = toy_config(tmp_path)
-    with pytest.raises(AtlasError, match=r"grid.h5 not found; run `atlas grid .*` first"):
+    with pytest.raises(AtlasError, match=r"activations.h5 not found; run `atlas collect .*`, then layout, grid, render, mosaic"):
         run(config, log=lambda s: None)
     config = make_run(tmp_path)
     stale = dataclasses.replace(config, grid=dataclasses.replace(config.grid, min_count=2))
-    with pytest.raises(AtlasError, match="out of date.*atlas grid"):
+    with pytest.raises(AtlasError, match=r"grid.h5 is out of date .*; run `atlas grid .*`, then render, mosaic"):
         run(stale, log=lambda s: None)
     elsewhere = dataclasses.replace(config, images=tmp_path / "nowhere")
     with pytest.raises(AtlasError, match="images folder .* does not exist"):
         run(elsewhere, log=lambda s: None)
-    write_icons(tmp_path, [(0, 0)], size=2)
-    meta = json.loads((tmp_path / "blocks.1" / "icons-2" / "icons.json").read_text())
-    meta["size"] = 4
-    (tmp_path / "blocks.1" / "icons-2" / "icons.json").write_text(json.dumps(meta))
+    folder = write_icons(config, "blocks.1", Run(tmp_path, config).grid("blocks.1", 2), {(0, 0): icon_colour(0)})
+    meta = json.loads((folder / "icons.json").read_text())
+    meta["fingerprint"] = "made for another grid"
+    (folder / "icons.json").write_text(json.dumps(meta))
     with pytest.raises(AtlasError, match="atlas render"):
         run(config, log=lambda s: None)
 

@@ -12,6 +12,7 @@ from atlas import grid as grid_stage
 from atlas import optvis
 from atlas import render
 from atlas.config import Config, RenderConfig
+from atlas.store import Grid, Run
 from atlas.errors import AtlasError
 from atlas.models import load_model
 from tiny import SIZE
@@ -27,12 +28,10 @@ def toy_run(run_dir, grid=None, **render_overrides) -> Config:
     acts, labels = toy_clusters(120, 4, 4, seed=1)
     rng = np.random.default_rng(0)
     xy = np.clip(np.stack([labels / 4 + 0.2 * rng.random(len(labels)), rng.random(len(labels))], 1), 0, 1)
-    config = toy_config(run_dir, layers=(LAYER,), grid={"sizes": (2, 3), "min_count": 1, **(grid or {})})
-    config = dataclasses.replace(config, model="tiny:make", preprocess=PREPROCESS,
-                                 render=dataclasses.replace(RENDER, **render_overrides))
-    config.validate()
+    config = toy_config(run_dir, layers=(LAYER,), grid={"sizes": (2, 3), "min_count": 1, **(grid or {})},
+                        model="tiny:make", preprocess=PREPROCESS, render=dataclasses.replace(RENDER, **render_overrides))
     if not (config.run_dir / "activations.h5").is_file():
-        write_activations(run_dir, {LAYER: acts})
+        write_activations(run_dir, {LAYER: acts}, config=config)
         write_layout(config, {LAYER: xy.astype(np.float32)})
     grid_stage.run(config, log=lambda s: None)
     return config
@@ -43,7 +42,7 @@ def quiet(line):
 
 
 def read_icons(config, size):
-    folder = render.icons_dir(config.run_dir, LAYER, size)
+    folder = Run(config.run_dir, config).icons_dir(LAYER, size)
     meta = json.loads((folder / "icons.json").read_text())
     images = {tuple(e["cell"]): np.asarray(Image.open(folder / e["file"])) for e in meta["icons"]}
     return meta, images
@@ -61,7 +60,7 @@ def test_render_writes_an_icon_per_cell_and_then_skips(tmp_path):
     assert not summary.skipped and [(g.layer, g.size) for g in summary.grids] == [(LAYER, 2), (LAYER, 3)]
     network = tiny_network()
     for size in (2, 3):
-        grid = grid_stage.load_grid(config.run_dir / "grid.h5", LAYER, size)
+        grid = Run(config.run_dir, config).grid(LAYER, size)
         meta, images = read_icons(config, size)
         assert meta["layer"] == LAYER and meta["size"] == size and meta["icon_size"] == 16
         assert meta["fingerprint"] and meta["steps"] == 6 and meta["attempts"] == 2
@@ -75,7 +74,7 @@ def test_render_writes_an_icon_per_cell_and_then_skips(tmp_path):
         pixels = torch.stack([torch.tensor(images[tuple(e["cell"])]).permute(2, 0, 1) for e in meta["icons"]])
         acts = optvis.evaluate(network, pixels.float() / 255)
         order = [grid.find(*e["cell"]) for e in meta["icons"]]
-        expected = render.icon_objective(LAYER, grid.direction[order], config.render)(acts)
+        expected = render.icon_objective(LAYER, grid.direction[order], config.render.cos_power)(acts)
         np.testing.assert_allclose([e["objective"] for e in meta["icons"]], expected.numpy(), rtol=1e-4, atol=1e-5)
         cos = optvis.cosine_at(optvis.at_position(acts[LAYER]), torch.from_numpy(grid.direction[order]))
         np.testing.assert_allclose([e["cosine"] for e in meta["icons"]], cos.numpy(), rtol=1e-4, atol=1e-5)
@@ -98,9 +97,9 @@ def test_same_seed_same_icons_and_redo_when_the_grid_changes(tmp_path):
 
     # A grid whose cells change is rendered again; one whose cells and directions stay is kept,
     # even though grid.h5 was rewritten (a new size here).
-    fewest = int(grid_stage.load_grid(config.run_dir / "grid.h5", LAYER, 3).count.min())
+    fewest = int(Run(config.run_dir, config).grid(LAYER, 3).count.min())
     changed = toy_run(tmp_path / "run", grid={"min_count": fewest + 1, "sizes": (3, 4)}, attempts=1)
-    assert int(grid_stage.load_grid(changed.run_dir / "grid.h5", LAYER, 3).count.min()) > fewest
+    assert int(Run(changed.run_dir, changed).grid(LAYER, 3).count.min()) > fewest
     summary = render.run(changed, log=quiet)
     assert [(g.size, g.skipped) for g in summary.grids] == [(3, False), (4, False)]
     assert read_icons(changed, 3)[0]["fingerprint"] != meta["fingerprint"]
@@ -109,12 +108,33 @@ def test_same_seed_same_icons_and_redo_when_the_grid_changes(tmp_path):
     assert sorted((g.size, g.skipped) for g in summary.grids) == [(1, False), (3, True), (4, True)]
 
 
-def test_resume_keeps_finished_batches(tmp_path):
+class Killed(Exception):
+    """Stands for a kill after some batches of icons were written."""
+
+
+def render_until_killed(config, monkeypatch, batches=1):
+    """Runs render, stopping it (as a kill would) after `batches` finished batches are on disk."""
+    written = []
+    write_part = render._write_part
+
+    def dying(*args, **kwargs):
+        write_part(*args, **kwargs)
+        written.append(1)
+        if len(written) >= batches:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(render, "_write_part", dying)
+        with pytest.raises(Killed):
+            render.run(config, log=quiet)
+
+
+def test_resume_keeps_finished_batches(tmp_path, monkeypatch):
     whole = toy_run(tmp_path / "whole")
     render.run(whole, log=quiet)
 
     config = toy_run(tmp_path / "cut")
-    render.run(config, log=quiet, stop_after_batches=1)
+    render_until_killed(config, monkeypatch)
     partial = config.run_dir / LAYER / ".icons-2.partial"
     assert len(list(partial.glob("part-*.npz"))) == 1
     assert not (config.run_dir / LAYER / "icons-2").exists()
@@ -130,9 +150,9 @@ def test_resume_keeps_finished_batches(tmp_path):
         assert [e["attempt"] for e in meta_a["icons"]] == [e["attempt"] for e in meta_b["icons"]]
 
 
-def test_a_changed_config_discards_unfinished_batches(tmp_path):
+def test_a_changed_config_discards_unfinished_batches(tmp_path, monkeypatch):
     config = toy_run(tmp_path / "run")
-    render.run(config, log=quiet, stop_after_batches=1)
+    render_until_killed(config, monkeypatch)
     other = dataclasses.replace(config, render=dataclasses.replace(config.render, seed=5))
     summary = render.run(other, log=quiet)
     assert summary.grids[0].resumed == 0
@@ -143,10 +163,10 @@ def test_icon_does_not_depend_on_its_batch():
     rng = np.random.default_rng(3)
     vectors = rng.random((4, 4)).astype(np.float32)
     seeds = [render.icon_seed(0, 3, x, 0, 0) for x in range(4)]
-    r = dataclasses.replace(RENDER, steps=12, scale=0.2, rotate=15)
-    together = render.render_icons(network, LAYER, vectors, vectors, seeds, r)
-    alone = render.render_icons(network, LAYER, vectors[2:3], vectors[2:3], seeds[2:3], r)
-    shuffled = render.render_icons(network, LAYER, vectors[[3, 2]], vectors[[3, 2]], [seeds[3], seeds[2]], r)
+    r = render.icon_options(dataclasses.replace(RENDER, steps=12, scale=0.2, rotate=15))
+    together = render.render_batch(network, LAYER, vectors, vectors, seeds, **r)
+    alone = render.render_batch(network, LAYER, vectors[2:3], vectors[2:3], seeds[2:3], **r)
+    shuffled = render.render_batch(network, LAYER, vectors[[3, 2]], vectors[[3, 2]], [seeds[3], seeds[2]], **r)
     for other, row in ((alone, 0), (shuffled, 1)):
         assert np.abs(together.images[2].astype(int) - other.images[row].astype(int)).max() <= 1
         assert together.objective[2] == pytest.approx(other.objective[row], rel=1e-3, abs=1e-4)
@@ -173,7 +193,7 @@ def test_whitened_objective_uses_the_whitened_directions(tmp_path):
 
 def test_member_cosines_are_median_cosines_to_the_direction():
     acts = np.array([[1, 0], [1, 1], [0, 1], [2, 0], [0, 3]], np.float32)
-    grid = grid_stage.Grid(2, np.array([[0, 0], [1, 0]], np.int32), np.array([3, 2], np.int32),
+    grid = Grid(2, np.array([[0, 0], [1, 0]], np.int32), np.array([3, 2], np.int32),
                            np.array([[1, 0], [0, 1]], np.float32), np.array([0, 3, 5]), np.array([0, 1, 3, 2, 4]))
     (cos,) = render.member_cosines(acts, [grid])
     np.testing.assert_allclose(cos, [np.median([1, 2 ** -0.5, 1]), np.median([1, 1])], rtol=1e-6)
@@ -194,10 +214,10 @@ def test_lite0_icon_does_not_depend_on_its_batch():
     network = optvis.Network(module, ["blocks.10"], normalise=model.preprocess.normalise, channels_last=True)
     vectors = np.random.default_rng(0).random((3, 112)).astype(np.float32)
     seeds = [render.icon_seed(0, 10, x, 1, 0) for x in range(3)]
-    r = RenderConfig(icon_size=48, steps=16, pad=8, jitter=8, scale=0.2, rotate=15)
-    together = render.render_icons(network, "blocks.10", vectors, vectors, seeds, r)
+    r = render.icon_options(RenderConfig(icon_size=48, steps=16, pad=8, jitter=8, scale=0.2, rotate=15))
+    together = render.render_batch(network, "blocks.10", vectors, vectors, seeds, **r)
     for rows in ([1], [2, 1]):
-        other = render.render_icons(network, "blocks.10", vectors[rows], vectors[rows], [seeds[i] for i in rows], r)
+        other = render.render_batch(network, "blocks.10", vectors[rows], vectors[rows], [seeds[i] for i in rows], **r)
         j = rows.index(1)
         assert np.abs(together.images[1].astype(int) - other.images[j].astype(int)).max() <= 1
         assert together.objective[1] == pytest.approx(other.objective[j], rel=1e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from atlas import views
+from atlas.cli import build_parser
 from atlas.errors import AtlasError
 from atlas.optvis import channel
 
@@ -22,10 +22,8 @@ def tiny_path(monkeypatch):
 
 
 def run_view(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
-    views.add_view_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.view(args)
+    args = build_parser().parse_args(argv)
+    args.handler(args)
 
 
 def read_png(path: Path) -> np.ndarray:

@@ -1,0 +1,69 @@
+"""The stages as functions of a config: what `atlas collect|layout|grid|render|mosaic|run` call.
+
+Each takes a `Config` (or the path of a TOML config or of a run directory), runs its stage,
+skipping what is up to date, and returns the stage's summary. After each stage the effective
+config is written to `RUN/config.toml`, so the run directory stands for its config.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config, save_config
+
+STAGES = ("collect", "layout", "grid", "render", "mosaic")
+
+
+def _config(config: Config | str | Path) -> Config:
+    return config if isinstance(config, Config) else load_config(config)
+
+
+def run_stages(config: Config | str | Path, stages: Sequence[str] = STAGES, *, force: bool = False,
+               log: Callable[[str], None] = print) -> list[Any]:
+    """Runs stages in order (default all five) and returns their summaries.
+
+    Args:
+        config: a Config, or the path of a TOML config or a run directory.
+        stages: names from STAGES, in the order to run them.
+        force: redo each stage even when it is up to date.
+        log: receives the stages' summary lines.
+    """
+    config = _config(config)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; the stages are {', '.join(STAGES)}")
+    summaries = []
+    for stage in stages:
+        summaries.append(importlib.import_module(f"atlas.{stage}").run(config, force=force, log=log))
+        # The run directory holds the effective config of its last successful stage (not of a
+        # command that failed on, say, a misspelt layer).
+        save_config(config)
+    return summaries
+
+
+def run_collect(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
+    """Images -> RUN/activations.h5 (see atlas.collect). Returns a CollectSummary."""
+    return run_stages(config, ("collect",), force=force, log=log)[0]
+
+
+def run_layout(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
+    """Activations -> RUN/layout.h5 (see atlas.layout). Returns a LayoutSummary."""
+    return run_stages(config, ("layout",), force=force, log=log)[0]
+
+
+def run_grid(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
+    """Layout -> RUN/grid.h5 (see atlas.grid). Returns a GridSummary."""
+    return run_stages(config, ("grid",), force=force, log=log)[0]
+
+
+def run_render(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
+    """Grids -> an icons folder per map and size (see atlas.render). Returns a RenderSummary."""
+    return run_stages(config, ("render",), force=force, log=log)[0]
+
+
+def run_mosaic(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
+    """Icons and images -> the atlas pictures (see atlas.mosaic). Returns a MosaicSummary."""
+    return run_stages(config, ("mosaic",), force=force, log=log)[0]

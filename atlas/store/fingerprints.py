@@ -1,0 +1,99 @@
+"""What each artifact's content depends on, as fingerprints that chain from stage to stage.
+
+An artifact is current when the fingerprint it carries equals the one computed here from the
+run's config and the fingerprints of its inputs as they are now. Because each recipe includes the
+fingerprints of its inputs, a change anywhere upstream changes every fingerprint downstream of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..artifacts import fingerprint, to_jsonable
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..corpus import ImageRecord
+    from .maps import Grid
+
+LABEL_MIN_PX = 32  # cells narrower than this get no label in the labelled atlas (no font is legible in less)
+
+
+COLLECT_KEYS = ("samples_per_image", "border", "batch_size", "attribution", "attribution_batch", "predict", "dtype",
+                "seed", "max_images", "max_image_pixels")  # the [collect] settings that change activations.h5
+
+
+def collect_settings(table: Any) -> dict[str, Any]:
+    """The part of a config (a Config or its JSON table) that decides activations.h5 besides the
+    images themselves: model, weights, preprocessing overrides, layers and COLLECT_KEYS, as
+    dotted key -> JSON value."""
+    table = to_jsonable(table)
+    out = {key: table.get(key) for key in ("model", "weights", "preprocess", "layers")}
+    out.update({f"collect.{key}": table.get("collect", {}).get(key) for key in COLLECT_KEYS})
+    return out
+
+
+def collect_fingerprint(config: Config, preprocess: Any, records: Sequence[ImageRecord]) -> str:
+    """Everything that decides the content of activations.h5: the model and its preprocessing, the
+    layers, the [collect] settings that change samples, and each image's path, size and mtime
+    (not workers, threads or device)."""
+    c = config.collect
+    images = []
+    for r in records:
+        try:
+            st = r.path.stat()
+            images.append((r.relpath, st.st_size, st.st_mtime_ns))
+        except OSError:
+            images.append((r.relpath, -1, -1))
+    return fingerprint("collect", config.model, config.weights, preprocess, config.layers,
+                       c.samples_per_image, c.border, c.batch_size, c.attribution, c.attribution_batch, c.predict,
+                       c.dtype, c.seed, c.max_images, c.max_image_pixels, images)
+
+
+def layout_fingerprint(config: Config, activations: str) -> str:
+    """layout.h5: the [layout] config, the layers and the activations it lays out."""
+    return fingerprint("layout", config.layout, config.layers, activations)
+
+
+def grid_fingerprint(config: Config, layout: str, activations: str) -> str:
+    """grid.h5: the [grid] config, the layout and the activations it bins."""
+    return fingerprint("grid", config.grid, layout, activations)
+
+
+def icons_fingerprint(config: Config, grid: Grid, layer: str) -> str:
+    """One map's icons at one grid size: the [render] settings (less which sizes are rendered), the
+    grid's cells and directions (`Grid.digest`), the layer, the model and its preprocessing."""
+    settings = dataclasses.replace(config.render, sizes=(), sizes_for={})
+    return fingerprint("render", settings, grid.digest(), layer, config.model, config.weights, config.preprocess)
+
+
+def tile_px(config: Config) -> int:
+    """Pixels per cell in the atlas images (`mosaic.icon_px`, else the icon size)."""
+    return config.mosaic.icon_px or config.render.icon_size
+
+
+def _drawing(config: Config) -> dict[str, Any]:
+    mc = config.mosaic
+    return {"px": tile_px(config), "scale_by_density": mc.scale_by_density,
+            "density_floor": mc.density_floor if mc.scale_by_density else None}
+
+
+def atlas_png_fingerprint(config: Config, name: str, size: int, grid: str, icons: str) -> str:
+    """atlas-N.png of a map: how it is drawn, the grid file and the icons it shows."""
+    return fingerprint("mosaic", name, size, _drawing(config), grid, icons)
+
+
+def preview_png_fingerprint(config: Config, name: str, size: int, grid: str) -> str:
+    """atlas-preview-N.png of a map: how it is drawn, which members and images, and the grid file
+    (whose fingerprint chains the activations' positions)."""
+    mc = config.mosaic
+    preview = {"members": mc.preview_members, "patch": mc.preview_patch, "images": str(config.images),
+               "max_image_pixels": config.collect.max_image_pixels, "version": 1}
+    return fingerprint("mosaic-preview", name, size, _drawing(config), preview, grid)
+
+
+def labels_png_fingerprint(image: str) -> str:
+    """The labelled copy of an atlas image: the image's fingerprint and how labels are drawn."""
+    return fingerprint("mosaic-labels", image, {"min_px": LABEL_MIN_PX, "version": 1})
