@@ -244,3 +244,17 @@ def test_no_module_outside_the_store_spells_an_hdf5_key_or_an_artifact_file_name
             offenders.append(f"{path.name}: imports h5py")
         offenders += [f"{path.name}: {text!r}" for text in _string_constants(tree) if KEY_OR_FILE.search(text)]
     assert not offenders, offenders
+
+
+def test_help_lists_the_public_api():
+    import pydoc
+
+    import atlas
+
+    text = pydoc.render_doc(atlas, renderer=pydoc.plaintext)
+    expected = {"Run", "load_config", "run_stages", "run_collect", "run_layout", "run_grid", "run_render",
+                "run_mosaic", "collect_activations", "layout_2d", "bin_grid", "render_icons", "compose_atlas"}
+    assert expected <= set(atlas.__all__)
+    for name in atlas.__all__:
+        assert re.search(rf"\b{name}\b", text), name
+        assert getattr(atlas, name).__doc__, name  # every public name says what it is
