@@ -7,7 +7,7 @@ Runs and stages (files in a run directory; see README for their format):
     Run(run_dir) / Run.open(run_dir)    a run's artifacts: activations(), layout(), grid(map, N),
                                         maps(), icons(...), atlas_image(map, N); refuses stale ones
     run_stages(config, stages=...)      every stage in order (what `atlas run` does)
-    run_collect, run_layout, run_grid, run_render, run_mosaic   one stage each
+    run_collect, run_layout, run_grid, run_render, run_mosaic, run_view   one stage each
 
 In-memory cores (arrays in, arrays out, no files):
     load_model(name, weights)           efficientnet_lite0, torchvision names, package.module:factory
@@ -36,6 +36,7 @@ _EXPORTS = {
     "Grid": "atlas.store", "GridSet": "atlas.store", "IconSet": "atlas.store",
     "run_stages": "atlas.pipeline", "run_collect": "atlas.pipeline", "run_layout": "atlas.pipeline",
     "run_grid": "atlas.pipeline", "run_render": "atlas.pipeline", "run_mosaic": "atlas.pipeline",
+    "run_view": "atlas.pipeline",
     "load_model": "atlas.models", "LoadedModel": "atlas.models", "Preprocess": "atlas.models",
     "collect_activations": "atlas.collect", "Samples": "atlas.collect",
     "layout_2d": "atlas.layout",

@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 bad input or config (one line on stderr, no traceback), 1 in
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("grid", f"layout -> RUN/{GRID}"),
                         ("render", "grid -> an icon per cell in RUN/<layer>/icons-<N>/"),
                         ("mosaic", "icons -> RUN/<layer>/atlas-<N>.png (and a preview from image patches)"),
+                        ("view", "grids and icons -> RUN/viewer/index.html, the interactive atlas (opens from disk)"),
                         ("run", "every stage in order, skipping what is up to date")):
         p = sub.add_parser(stage, help=text)
         p.add_argument("config", metavar="CONFIG" if stage in ("collect", "run") else "RUN",
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set collect.samples_per_image=8 (repeatable)")
         p.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
+        if stage == "view":
+            p.add_argument("--serve", action="store_true", help="then serve the viewer on localhost")
+            p.add_argument("--port", type=int, default=8000, help="port for --serve (default: 8000; 0 = any free one)")
         p.set_defaults(handler=cmd_stage)
 
     _add_reading_parsers(sub)
@@ -168,15 +173,27 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from .config import load_config
     from .pipeline import STAGES, run_stages
 
-    run_stages(load_config(args.config, args.overrides), STAGES if args.command == "run" else (args.command,),
-               force=args.force)
+    config = load_config(args.config, args.overrides)
+    try:
+        run_stages(config, STAGES if args.command == "run" else (args.command,), force=args.force)
+    except AtlasError as exc:
+        # The stages a refusal names must run with this command's overrides, which RUN/config.toml
+        # does not hold yet (it is written after a stage succeeds).
+        if args.overrides and "; run `atlas " in str(exc):
+            sets = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
+            raise AtlasError(f"{exc} (each with {sets})") from None
+        raise
+    if getattr(args, "serve", False):
+        from .view import serve
+
+        serve(config.run_dir, args.port)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .inspect import inspect
 
     inspect(args.run, args.layer, args.grid, cell=tuple(args.cell) if args.cell else None,
-            class_name_=args.class_name)
+            by_class=args.class_name)
 
 
 def cmd_patches(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ from .layers import LayerTap, layer_shapes
 from .models import LoadedModel, Preprocess, load_model
 from .runtime import keep_freed_memory, pick_device
 from .store import Run
-from .store.fingerprints import collect_fingerprint
+from .store.fingerprints import collect_fingerprint, image_stats
 
 IMAGES_PER_PART = 256  # a kill loses at most this much finished work
 
@@ -301,7 +301,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     shapes = layer_shapes(module, model.input_shape, config.layers)
     for layer in config.layers:
         _map_shape(shapes, layer)
-    fp = collect_fingerprint(config, model.preprocess, records)
+    stats = image_stats(records)
+    fp = collect_fingerprint(config, model.preprocess, records, stats)
     if not force and store.is_current(out_path, fp):
         log(f"collect: {out_path} is up to date, skipped")
         return CollectSummary(True, len(records), 0, {}, {}, None, 0.0, 0.0, out_path.stat().st_size, 0)
@@ -343,7 +344,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
 
     parts = _finished_parts(parts_dir, part_size, len(records))
     t_assemble = time.perf_counter()
-    summary = _assemble(store, parts, records, config, model, shapes, fp)
+    summary = _assemble(store, parts, records, stats, config, model, shapes, fp)
     shutil.rmtree(parts_dir, ignore_errors=True)
     summary.seconds = time.perf_counter() - t_start
     summary.loop_seconds = loop_seconds
@@ -360,7 +361,7 @@ def _progress(total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="img", desc="collect", disable=None, dynamic_ncols=True)
 
 
-def _assemble(store: Run, parts: Sequence[Path], records: Sequence[ImageRecord], config: Config,
+def _assemble(store: Run, parts: Sequence[Path], records: Sequence[ImageRecord], stats: np.ndarray, config: Config,
               model: LoadedModel, shapes: dict[str, tuple[int, ...]], fp: str) -> CollectSummary:
     """Streams the parts into activations.h5 (atomically) and returns the counts."""
     n = len(records)
@@ -368,7 +369,7 @@ def _assemble(store: Run, parts: Sequence[Path], records: Sequence[ImageRecord],
     pred = np.full(n, -1, dtype=np.int32)
     n_classes = 0
     with store.write_activations() as out:
-        out.images([r.relpath for r in records], [r.label for r in records])
+        out.images([r.relpath for r in records], [r.label for r in records], stats)
         if model.classes is not None:
             out.classes(model.classes.names, model.classes.wnids)
         for path in parts:

@@ -24,7 +24,6 @@ files, so focus maps do not become panels.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .compare_figure import PanelFigures, compose_figure, number, panel_caption
-from .errors import AtlasError
+from .errors import AtlasError, unknown_name
 from .focus import class_scores
 from .neighbors import effective_neighbors, image_embeddings, nearest_neighbors, shared_neighbor_matrix
 from .store import Run, write_image, write_json
@@ -109,10 +108,8 @@ def _pick_layers(runs: Sequence[_Opened], wanted: Sequence[str] | None, log: Cal
     known = list(dict.fromkeys(layer for run in runs for layer in run.store.config.layers))
     for name in wanted:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
             owner = f"run {runs[0].arg} has" if len(runs) == 1 else "the runs have"
-            raise AtlasError(f"unknown layer {name!r} in --layers; {hint}{owner} {', '.join(known)}")
+            raise unknown_name("layer", name, known, owner)
     picked = []
     for run in runs:
         layers = [name for name in dict.fromkeys(wanted) if name in run.store.config.layers]
@@ -149,7 +146,7 @@ def _pick_grid(runs: Sequence[_Opened], layers: Sequence[Sequence[str]], size: i
                                  f"to grid.sizes: `atlas run {run.arg} --set grid.sizes=[...]`")
             if _atlas_image(run, layer, size) is None:
                 raise AtlasError(f"layer {layer!r} of run {run.arg} has no current atlas or preview image at grid "
-                                 f"{size}; run `atlas mosaic {run.arg}` first")
+                                 f"{size}; run `atlas run {run.arg}` (it redoes only what is stale)")
         return size
     common = set(sizes[0]).intersection(*sizes[1:])
     # Icons in every panel before a larger grid: panels of one kind compare better.
@@ -165,8 +162,8 @@ def _pick_grid(runs: Sequence[_Opened], layers: Sequence[Sequence[str]], size: i
     largest = max(common)
     run, layer = next((r, name) for r, name in pairs if _atlas_image(r, name, largest) is None)
     raise AtlasError(f"no grid size has a current atlas image for every compared layer (layer {layer!r} of run "
-                     f"{run.arg} has none at grid {largest}); run `atlas run {run.arg}` or `atlas mosaic {run.arg}` "
-                     "first")
+                     f"{run.arg} has none at grid {largest}); run `atlas run {run.arg}` (it redoes only what is "
+                     "stale)")
 
 
 def _panel_figures(run: _Opened, layer: str, size: int, label: str) -> PanelFigures:
@@ -303,11 +300,10 @@ def _write_figure(result: Comparison) -> None:
             images.append(np.asarray(im.convert("RGB")))
     figure = compose_figure(_header(result), [p.label for p in result.panels], images,
                             [panel_caption(p) for p in result.panels], _links(result))
-    suffix = result.png.suffix.lower()
-    image_format = Image.registered_extensions().get(suffix, "PNG" if suffix in ("", ".png") else None)
-    if image_format is None:
-        raise AtlasError(f"--out {result.png}: unknown image format {suffix!r}; use .png (or .jpg, .webp)")
-    write_image(figure, result.png)
+    try:
+        write_image(figure, result.png)
+    except ValueError as exc:
+        raise AtlasError(f"--out {result.png}: {exc}; use .png (or .jpg, .webp)") from None
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -27,7 +27,7 @@ from .config_tables import apply_overrides, dumps_toml, parse_override
 from .errors import AtlasError
 from .store.run import CONFIG as CONFIG_NAME
 
-_METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")
+METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")  # UMAP metrics offered
 # The fields of models.zoo.Preprocess, which checks their values once the model's defaults are
 # known; importing it here would make reading a config import torch.
 _PREPROCESS_KEYS = ("size", "resize", "mean", "std", "interpolation")
@@ -175,8 +175,8 @@ class LayoutConfig:
     def __post_init__(self) -> None:
         _check_fields(self, "layout.", n_neighbors=2, min_dist=0, pca_dims=0, fit_samples=0, margin=0, seed=0,
                       trust_samples=0, trust_neighbors=1, class_top=0)
-        close = difflib.get_close_matches(self.metric, _METRICS, n=1)
-        _check(self.metric in _METRICS, f"layout.metric must be one of {', '.join(_METRICS)}; got {self.metric!r}"
+        close = difflib.get_close_matches(self.metric, METRICS, n=1)
+        _check(self.metric in METRICS, f"layout.metric must be one of {', '.join(METRICS)}; got {self.metric!r}"
                + (f"; did you mean {close[0]!r}?" if close else ""))
         _check(0 <= self.clip_percentile < 50, "layout.clip_percentile must be in [0, 50)")
         _check(all(self.classes), "layout.classes must list class names, wnids or output indices, e.g. [\"fireboat\"]")
@@ -297,10 +297,13 @@ class Config:
 
     def _check_across_tables(self) -> None:
         grid_sizes, layers = list(self.grid.sizes), list(self.layers)
-        asked = list(self.render.sizes) + [s for sizes in self.render.sizes_for.values() for s in sizes]
-        missing = sorted({s for s in asked if s not in grid_sizes})
+        missing = sorted({s for s in self.render.sizes if s not in grid_sizes})
         _check(not missing, f"render.sizes {missing} are not in grid.sizes {grid_sizes}; "
-               "add them to grid.sizes or drop them from render.sizes / render.sizes_for")
+               "add them to grid.sizes or drop them from render.sizes")
+        for name, sizes in self.render.sizes_for.items():
+            missing = sorted({s for s in sizes if s not in grid_sizes})
+            _check(not missing, f"render.sizes_for.{name} {missing} are not in grid.sizes {grid_sizes}; "
+                   f"add them to grid.sizes or drop them from render.sizes_for.{name}")
         for name in self.render.sizes_for:
             if _layer_of(name) not in layers:
                 raise AtlasError(f"render.sizes_for names {name!r}, whose layer is not in layers {layers}; "
@@ -354,88 +357,37 @@ def load_config(source: str | Path, overrides: Sequence[str] = (),
                 warn: Callable[[str], None] = _print_note) -> Config:
     """Loads, overrides and validates a config from a TOML file or a run directory.
 
-    Keys of the file that the overrides made stale are dropped (`_drop_stale`); `warn` gets one
-    line that says which.
+    Args:
+        source: a TOML config file, or a run directory (its config.toml).
+        overrides: `key=value` strings, as `--set` takes them (the value is read as TOML, or as a
+            plain string); e.g. ["collect.samples_per_image=8", 'layers=["blocks.10"]'].
+        warn: receives one line naming the keys of the file that the overrides made stale and
+            that were dropped (atlas.config_overrides); default: printed to stderr.
+
+    Returns:
+        The validated Config, with run_dir and images absolute (relative paths in a config file
+        are resolved against the current directory).
+
+    Raises:
+        AtlasError: a missing or unreadable file, an unknown key, a bad value (one line each).
     """
     table, base = read_table(source)
     is_run = Path(source).is_dir()
     overridden = apply_overrides(table, overrides)
-    dropped = _drop_stale(table, overridden, [".".join(parse_override(o)[0]) for o in overrides])
-    if dropped:
-        warn(f"dropped what the --set values made stale: {'; '.join(dropped)}")
+    from .config_overrides import drop_stale
+
+    dropped = drop_stale(table, overridden, [".".join(parse_override(o)[0]) for o in overrides])
     if is_run and "run_dir" not in [o.split("=", 1)[0].strip() for o in overrides]:
         overridden["run_dir"] = str(Path(source))  # a moved run directory still finds itself
     config = _build(Config, overridden, "")
+    if dropped:  # said only once the result is valid: a failed load changes nothing
+        warn(f"dropped what the --set values made stale: {'; '.join(dropped)}")
     return dataclasses.replace(
         config,
         run_dir=(base / config.run_dir).resolve(),
         images=(base / config.images).resolve(),
         weights=_resolve_weights(config.weights, base),
     )
-
-
-def _drop_stale(before: Mapping[str, Any], after: dict[str, Any], given: Sequence[str]) -> list[str]:
-    """Drops keys of the file that its own values allowed but the overrides do not; says what it dropped.
-
-    A smaller grid.sizes or fewer layers should not force the user to also rewrite render.sizes,
-    render.sizes_for and layout.focus_layers. A key the user gave (a `given` path equals it or is
-    a prefix of it) is kept, so a conflict between two --set values, or one the file had already,
-    is still an error. Edits `after` in place.
-    """
-    def explicit(key: str) -> bool:
-        return any(key == path or key.startswith(path + ".") for path in given)
-
-    def replace(key: str, value: Any, note: str) -> None:
-        stage, name = key.split(".")
-        after[stage] = {**after.get(stage, {}), name: value}  # a copy: `before` may share the inner table
-        dropped.append(note)
-
-    parsed = [_parsed(table, key) for table in (before, after) for key in ("grid", "layers")]
-    render, layout = _parsed(after, "render"), _parsed(after, "layout")
-    if any(value is None for value in (*parsed, render, layout)):
-        return []  # validation will say what is wrong
-    (grid_then, layers_then, grid_now, layers_now), dropped = parsed, []
-    lost_sizes, lost_layers = set(grid_then.sizes) - set(grid_now.sizes), set(layers_then) - set(layers_now)
-    now = f"grid.sizes {list(grid_now.sizes)}"
-    if not explicit("render.sizes") and (stale := [s for s in render.sizes if s in lost_sizes]):
-        kept = [s for s in render.sizes if s not in stale]
-        every = "" if kept else "; every size is rendered"
-        replace("render.sizes", kept, f"render.sizes {stale} (not in {now}{every})")
-    sizes_for, notes = {}, []
-    for name, sizes in render.sizes_for.items():
-        key, kept = f"render.sizes_for.{name}", [s for s in sizes if s not in lost_sizes]
-        if explicit(key) or (_layer_of(name) not in lost_layers and len(kept) == len(sizes)):
-            sizes_for[name] = list(sizes)
-        elif _layer_of(name) in lost_layers:
-            notes.append(f"{key} (its layer is not in layers)")
-        else:
-            notes.append(f"{key} {sorted(set(sizes) - set(kept))} (not in {now})")
-            if kept:
-                sizes_for[name] = kept
-    if notes:
-        replace("render.sizes_for", sizes_for, "; ".join(notes))
-    stale = [name for name in layout.focus_layers if name in lost_layers]
-    if stale and not explicit("layout.focus_layers"):
-        kept = [name for name in layout.focus_layers if name not in stale]
-        replace("layout.focus_layers", kept, f"layout.focus_layers {stale} (not in layers)")
-        for key in ("layout.classes", "layout.pairs"):
-            # An empty focus_layers means every layer: the focus maps the file asked for on its
-            # focus layers would be made on every layer instead.
-            if not kept and getattr(layout, key.split(".")[1]) and not explicit(key):
-                replace(key, [], f"{key} (no focus layer is left)")
-    if render.whiten and grid_then.whiten and not grid_now.whiten and not explicit("render.whiten"):
-        replace("render.whiten", False, "render.whiten (needs grid.whiten = true)")
-    return dropped
-
-
-def _parsed(table: Mapping[str, Any], key: str) -> Any:
-    """A stage table or the layers of a raw config table, checked; None when they are invalid."""
-    try:
-        if key == "layers":
-            return _coerce(table["layers"], tuple[str, ...], key)
-        return _coerce(table.get(key, {}), _STAGE_TABLES[key], key)
-    except (AtlasError, KeyError):
-        return None
 
 
 def _resolve_weights(weights: str, base: Path) -> str:

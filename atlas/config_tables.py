@@ -24,7 +24,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    return key.split("."), value
+    path = key.split(".")
+    if path[:2] == ["render", "sizes_for"] and len(path) > 3:
+        path = path[:2] + [".".join(path[2:])]  # a map name has dots of its own: blocks.10, blocks.15/class-x
+    return path, value
 
 
 def apply_overrides(table: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -158,7 +158,17 @@ def bin_grid(xy: np.ndarray, acts: Any, attr: Any | None = None, size: int = 10,
              top_k: int = 5) -> Grid:
     """Bins a layout on one size x size grid and summarises each cell with >= min_count samples.
 
-    See `bin_grids` for the arguments; returns its one Grid.
+    Args:
+        xy: (n, 2) float positions in [0, 1] (a layout, e.g. from `layout_2d`).
+        acts: (n, C) activations of the same samples, array or h5py dataset.
+        attr: (n, n_classes) attributions, or None (then no class labels).
+        size: N, cells per side; default 10.
+        min_count: cells with fewer samples are dropped; default 3.
+        top_k: class labels kept per cell; default 5.
+
+    Returns:
+        The Grid: `cell` (m, 2) int32 (x, y), `count` (m,), `direction` (m, C) mean activation,
+        `indptr`/`index` the members as CSR, `attr`, `top_class`, `top_attr` with attribution.
     """
     return bin_grids(xy, acts, attr, (size,), min_count=min_count, top_k=top_k)[size]
 

@@ -3,7 +3,7 @@
 `inspect_cell` (`atlas inspect RUN --layer L --grid N --cell I J`; I = column x, J = row y, as in
 a Grid's `cell`) prints the cell's sample count, its top classes by mean attribution, the label
 mix of its member images and its icon, and writes a panel `RUN/<map>/inspect/cell-N-I-J.png` (the
-icon, if rendered and current, beside the receptive-field patches of the 9 members most aligned
+icon, if rendered, beside the receptive-field patches of the 9 members most aligned
 (cosine) with the cell's direction, the map position's own stride cell outlined in red, each
 captioned with its image's class; a header with the top classes) and the same facts as JSON.
 `inspect_class` (`--class NAME`) lists the 5 cells of grid N most attributed to a class and
@@ -15,14 +15,13 @@ from their source images to the receptive field of their map position.
 
 Receptive fields are measured on the model (`atlas.receptive`) and cached in the layer's folder;
 when the model cannot be loaded, the mosaic preview's two-stride window is used instead and the
-output says so. Everything is read through the run store, so a stale grid or layout is refused.
+output says so. Everything is read through the run store, so a stale grid, layout or icon folder
+is refused (with the stages to run), and so is a source image that changed since collect.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import atomic_path
 from .corpus import BadImage, load_image
-from .draw import compose_panel, cut_patch, patch_box, square_inside
-from .errors import AtlasError
+from .draw import TILE_PX, compose_panel, cut_patch, patch_box, square_inside
+from .errors import AtlasError, unknown_name
 from .focus import MapSpec, find_class
 from .grid import top_classes
 from .models import Preprocess
@@ -115,15 +113,13 @@ def layer_receptive_field(store: Run, acts: Activations, layer: str, log: Callab
                           ) -> ReceptiveField | None:
     """The layer's receptive field (cached in the run), or None when the model cannot be loaded."""
     size = _crop(acts).size
-    cache = store.receptive_field_path(layer)
     key = {"model": store.config.model, "layer": layer, "input_size": size}
-    if cache.is_file():
+    cached = store.receptive_field(layer, key)
+    if cached is not None:
         try:
-            data = json.loads(cache.read_text())
-            if data.get("key") == key:
-                return ReceptiveField(**data["field"])
-        except (ValueError, TypeError, KeyError):
-            pass
+            return ReceptiveField(**cached)
+        except TypeError:
+            pass  # a cache of another version: measure again
     from .models import load_model
 
     try:
@@ -133,8 +129,7 @@ def layer_receptive_field(store: Run, acts: Activations, layer: str, log: Callab
             "patches are two map strides wide instead")
         return None
     rf = receptive_field(model.module, layer, size)
-    with atomic_path(cache) as tmp:
-        tmp.write_text(json.dumps({"key": key, "field": dataclasses.asdict(rf)}, indent=1))
+    store.write_receptive_field(layer, key, dataclasses.asdict(rf))
     return rf
 
 
@@ -145,10 +140,11 @@ def _crop(acts: Activations) -> Preprocess:
     return Preprocess(**acts.preprocess)
 
 
-def sample_patches(store: Run, acts: Activations, layer: str, rows: np.ndarray, log: Callable[[str], None] = print
-                   ) -> tuple[list[np.ndarray | None], list[dict[str, Any]], ReceptiveField | None]:
-    """The receptive-field patch of each sample row (None where the image cannot be read), per row
-    its facts (image, path, label, prediction, position, box), and the field used."""
+def sample_patches(store: Run, acts: Activations, layer: str, rows: np.ndarray, log: Callable[[str], None] = print,
+                   tile_px: int = TILE_PX) -> tuple[list[np.ndarray | None], list[dict[str, Any]], ReceptiveField | None]:
+    """The receptive-field patch of each sample row (tile_px square, the map position's own stride
+    cell outlined; None where the image cannot be read), per row its facts (image, path, label,
+    prediction, position, box), and the field used. Each source image is decoded once."""
     samples = acts.layer(layer)
     if samples.shape is None:
         raise AtlasError(f"{acts.path} lacks the layer_shapes of {layer!r}; run `atlas collect {store.root} --force`")
@@ -163,7 +159,6 @@ def sample_patches(store: Run, acts: Activations, layer: str, rows: np.ndarray, 
         boxes = square_inside(box_for(rf, yx, crop.size, clip=False).astype(np.float64), crop.size)
         marks = patch_box(yx, samples.shape[1:3], crop.size, 1.0)
     images = acts.images
-    tiles: list[np.ndarray | None] = []
     facts = []
     for k, row in enumerate(rows):
         i = int(image[k])
@@ -172,11 +167,24 @@ def sample_patches(store: Run, acts: Activations, layer: str, rows: np.ndarray, 
                       "label_name": class_name(label, acts.class_names) if label >= 0 else None,
                       "pred": int(images.pred[i]), "yx": [int(v) for v in yx[k]],
                       "box": [float(v) for v in boxes[k]]})
+    tiles: list[np.ndarray | None] = [None] * len(rows)
+    order = np.argsort(image, kind="stable")
+    unreadable = 0
+    for group in np.split(order, np.flatnonzero(np.diff(image[order])) + 1) if len(order) else []:
         try:
-            pixels = crop.crop(load_image(store.config.images / images.path[i], store.config.collect.max_image_pixels))
-            tiles.append(cut_patch(pixels, boxes[k], mark=marks[k]))
+            source = load_image(store.source_image(acts, int(image[group[0]])), store.config.collect.max_image_pixels)
+            pixels = crop.crop(source)
         except (BadImage, OSError, ValueError):
-            tiles.append(None)
+            unreadable += 1
+            continue  # its tiles stay None: the panel shows an empty frame
+        for k in group:
+            tiles[k] = cut_patch(pixels, boxes[k], tile_px, mark=marks[k])
+    if unreadable:
+        if all(t is None for t in tiles):
+            raise AtlasError(f"none of the {unreadable} source image(s) could be read under {store.config.images}; "
+                             "if the images moved, pass --set images=DIR")
+        log(f"note: {unreadable} source image(s) could not be read under {store.config.images}; their patches "
+            "are left empty")
     return tiles, facts, rf
 
 
@@ -239,9 +247,9 @@ def inspect_cell(store: Run, spec: MapSpec, grid: Grid, i: int, log: Callable[[s
 
 
 def inspect(run: str | Path, layer: str, size: int, *, cell: tuple[int, int] | None = None,
-            class_name_: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+            by_class: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`atlas inspect`: one cell of a map (`layer` is a layer or a focus map) by position or, with
-    `class_name_`, the cell most attributed to a class (the 5 best are listed). Returns its facts."""
+    `by_class`, the cell most attributed to a class (the 5 best are listed). Returns its facts."""
     store = Run.open(run)
     spec = store.find_map(layer)
     grid = store.grid(spec.name, size)
@@ -259,7 +267,7 @@ def inspect(run: str | Path, layer: str, size: int, *, cell: tuple[int, int] | N
             raise AtlasError("this run was collected without attribution, so cells cannot be found by class; "
                              "use --cell I J")
         grids = store.grid_file()
-        c = find_class(str(class_name_), grids.class_names, grids.class_wnids)
+        c = find_class(str(by_class), grids.class_names, grids.class_wnids)
         best = cells_for_class(grid.attr, c)
         log(f"cells of the {grid.size}x{grid.size} grid of {spec.name} most attributed to "
             f"{class_name(c, grids.class_names)!r}:")
@@ -275,10 +283,7 @@ def channel_patches(run: str | Path, layer: str, channel: int, log: Callable[[st
     activation of channel K, cut to their receptive fields."""
     store = Run.open(run)
     if layer not in store.config.layers:
-        close = difflib.get_close_matches(layer, store.config.layers, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise AtlasError(f"unknown layer {layer!r} for run {store.root}; {hint}the run has "
-                         f"{', '.join(store.config.layers)}")
+        raise unknown_name("layer", layer, list(store.config.layers), f"run {store.root} has")
     with store.activations() as acts:
         samples = acts.layer(layer)
         if not 0 <= channel < samples.channels:

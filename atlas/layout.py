@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .blocks import block_rows, iter_selected, scan_rows, take_rows
-from .config import Config, LayoutConfig
+from .config import METRICS, Config, LayoutConfig
 from .errors import AtlasError
 from .focus import MapSpec, class_rows, class_scores, pair_axis, plan_maps
 from .store import LayerSamples, Layout, MapLayout, Run
@@ -46,7 +46,6 @@ TRANSFORM_ROWS = 65_536  # samples placed per UMAP.transform call (fixed, so res
 # pairs (fit samples with each other, and every transformed sample with every fit sample): about
 # 2 s per million pairs. Past this many pairs we make it use nearest-neighbour descent instead.
 EXACT_KNN_PAIRS = 1_000_000
-METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +325,10 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     maps: dict[str, MapLayout] = {}
     with store.activations("layout") as acts:
         specs = plan_maps(config.layers, cfg.classes, cfg.pairs, acts.class_names, acts.class_wnids, cfg.focus_layers)
+        unknown = sorted(set(config.render.sizes_for) - {m.name for m in specs})
+        if unknown:  # said now rather than after the layouts and grids are made
+            raise AtlasError(f"render.sizes_for names {unknown[0]!r}, which is not a map of this run; its maps are "
+                             f"{', '.join(m.name for m in specs)}")
         for name in config.layers:
             samples = acts.layer(name)
             t_layer = time.perf_counter()

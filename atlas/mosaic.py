@@ -30,10 +30,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .config import Config
+from .errors import AtlasError
 from .draw import fit_tile, font, text_height, wrap_label
 from .focus import MapSpec
 from .preview import preview_tiles
-from .store import Grid, GridFile, IconSet, Run, png_fingerprint
+from .store import Grid, GridFile, IconSet, Run
 from .store import fingerprints as fp
 
 
@@ -202,6 +203,8 @@ class _Job:
     fingerprint: str
     labels_path: Path | None  # the labelled copy, when mosaic.labels and the grid has labels
     icons: IconSet | None = None
+    plain: bool = True  # the plain image needs drawing
+    labelled: bool = False  # the labelled copy needs drawing
 
 
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> MosaicSummary:
@@ -225,27 +228,31 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     px = fp.tile_px(config)
     jobs = _plan(store, grid_file, grid_fp, log)
     if not jobs:
-        log(f"mosaic: nothing to draw: no rendered icons under {store.root} (run `atlas render` first) "
-            "and mosaic.preview = false")
+        log(f"mosaic: nothing to draw: no rendered icons under {store.root} (run `atlas render {store.root}` "
+            "first) and mosaic.preview = false")
     summary = MosaicSummary([], [], 0, 0, 0.0)
     todo = []
     for job in jobs:
-        paths = [(job.path, job.fingerprint)]
-        if job.labels_path is not None:
-            paths.append((job.labels_path, fp.labels_png_fingerprint(job.fingerprint)))
-        if not force and all(png_fingerprint(p) == f for p, f in paths):
-            summary.skipped.extend(p for p, _ in paths)
-            log(f"mosaic: up to date, skipped {job.path}" + (" (and its labels)" if len(paths) > 1 else ""))
-        else:
+        job.plain = force or not store.picture_is_current(job.path, job.fingerprint)
+        job.labelled = job.labels_path is not None and (
+            force or not store.picture_is_current(job.labels_path, fp.labels_png_fingerprint(job.fingerprint)))
+        if job.plain or job.labelled:
             todo.append(job)
+        else:
+            summary.skipped.extend(p for p in (job.path, job.labels_path) if p is not None)
+            log(f"mosaic: up to date, skipped {job.path}" + (" (and its labels)" if job.labels_path else ""))
 
     previews = [j for j in todo if j.kind == "preview"]
     preview_of: dict[int, list[np.ndarray | None]] = {}
     if previews:
+        if not config.images.is_dir():
+            raise AtlasError(f"images folder {config.images} does not exist, and the preview is made of its images; "
+                             "--set images=DIR, or set mosaic.preview = false")
         with store.activations("mosaic") as acts:
             tiles, summary.skipped_images = preview_tiles(
-                acts, config.images, [(j.spec.layer, j.grid) for j in previews], px=px, members=mc.preview_members,
-                patch=mc.preview_patch, max_pixels=config.collect.max_image_pixels, log=log)
+                acts, lambda i: store.source_image(acts, i), [(j.spec.layer, j.grid) for j in previews], px=px,
+                members=mc.preview_members, patch=mc.preview_patch, max_pixels=config.collect.max_image_pixels,
+                log=log)
         preview_of = {id(j): t for j, t in zip(previews, tiles)}
     for job in todo:
         grid = job.grid
@@ -256,10 +263,11 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
             tiles, missing = preview_of[id(job)], 0
         scale = cell_scale(grid.count, mc.density_floor) if mc.scale_by_density else None
         canvas = compose_mosaic(tiles, grid.cell, grid.size, px, scale)
-        note = f", {missing} icon(s) unreadable (left white)" if missing else ""
-        _save(store, canvas, job.path, job.fingerprint, job, log, note)
-        summary.written.append(job.path)
-        if job.labels_path is not None:
+        if job.plain:
+            note = f", {missing} icon(s) unreadable (left white)" if missing else ""
+            _save(store, canvas, job.path, job.fingerprint, job, log, note)
+            summary.written.append(job.path)
+        if job.labelled:
             labelled = draw_labels(canvas, grid.cell, grid.size, px, _cell_labels(grid, grid_file.class_names))
             _save(store, labelled, job.labels_path, fp.labels_png_fingerprint(job.fingerprint), job, log, "")
             summary.written.append(job.labels_path)
@@ -287,11 +295,14 @@ def _plan(store: Run, grid_file: GridFile, grid_fp: str, log: Callable[[str], No
                 icons = store.icons(spec, grid, upto="mosaic")  # refuses icons made for another grid
                 if icons is not None:
                     jobs.append(_Job(spec, grid, "atlas", store.atlas_png(name, size),
-                                     fp.atlas_png_fingerprint(config, name, size, grid_fp, icons.fingerprint),
+                                     store.atlas_png_fingerprint(spec, grid, grid_fp, icons),
                                      store.atlas_png(name, size, labels=True) if labels else None, icons))
+                elif store.atlas_png(name, size).is_file():
+                    log(f"mosaic: {name} has no icons at {size}x{size} yet, so its old {store.atlas_png(name, size).name} "
+                        f"is out of date and not redrawn (run `atlas render {store.root}`)")
             if mc.preview:
                 jobs.append(_Job(spec, grid, "preview", store.preview_png(name, size),
-                                 fp.preview_png_fingerprint(config, name, size, grid_fp),
+                                 store.preview_png_fingerprint(spec, grid, grid_fp),
                                  store.preview_png(name, size, labels=True) if labels else None))
     if unlabelled:
         log(f"mosaic: {store.grid_path.name} has no class labels (collect.attribution = false); no labelled images")

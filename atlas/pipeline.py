@@ -1,4 +1,4 @@
-"""The stages as functions of a config: what `atlas collect|layout|grid|render|mosaic|run` call.
+"""The stages as functions of a config: what `atlas collect|layout|grid|render|mosaic|view|run` call.
 
 Each takes a `Config` (or the path of a TOML config or of a run directory), runs its stage,
 skipping what is up to date, and returns the stage's summary. After each stage the effective
@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config, save_config
-
-STAGES = ("collect", "layout", "grid", "render", "mosaic")
+from .store.run import STAGES
 
 
 def _config(config: Config | str | Path) -> Config:
@@ -23,11 +22,11 @@ def _config(config: Config | str | Path) -> Config:
 
 def run_stages(config: Config | str | Path, stages: Sequence[str] = STAGES, *, force: bool = False,
                log: Callable[[str], None] = print) -> list[Any]:
-    """Runs stages in order (default all five) and returns their summaries.
+    """Runs stages in order (default all six) and returns their summaries.
 
     Args:
         config: a Config, or the path of a TOML config or a run directory.
-        stages: names from STAGES, in the order to run them.
+        stages: names from STAGES (collect, layout, grid, render, mosaic, view), in order.
         force: redo each stage even when it is up to date.
         log: receives the stages' summary lines.
     """
@@ -45,7 +44,12 @@ def run_stages(config: Config | str | Path, stages: Sequence[str] = STAGES, *, f
 
 
 def run_collect(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
-    """Images -> RUN/activations.h5 (see atlas.collect). Returns a CollectSummary."""
+    """Images -> RUN/activations.h5 (see atlas.collect). Returns a CollectSummary.
+
+    Every `run_<stage>` takes the same arguments as `run_stages`: a Config or the path of a TOML
+    config or a run directory; `force` redoes the stage even when up to date; `log` receives its
+    summary lines.
+    """
     return run_stages(config, ("collect",), force=force, log=log)[0]
 
 
@@ -67,3 +71,9 @@ def run_render(config: Config | str | Path, *, force: bool = False, log: Callabl
 def run_mosaic(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
     """Icons and images -> the atlas pictures (see atlas.mosaic). Returns a MosaicSummary."""
     return run_stages(config, ("mosaic",), force=force, log=log)[0]
+
+
+def run_view(config: Config | str | Path, *, force: bool = False, log: Callable[[str], None] = print):
+    """Grids, icons and images -> RUN/viewer/index.html, the interactive atlas (see atlas.view).
+    Returns a ViewSummary."""
+    return run_stages(config, ("view",), force=force, log=log)[0]

@@ -84,14 +84,14 @@ def member_cosine(acts: Any, grid: Grid) -> np.ndarray:
 
 
 
-def preview_tiles(acts: Activations, images: Path, grids: Sequence[tuple[str, Grid]], *, px: int, members: int,
-                  patch: float, max_pixels: int, log: Callable[[str], None]
+def preview_tiles(acts: Activations, image_path: Callable[[int], Path], grids: Sequence[tuple[str, Grid]], *,
+                  px: int, members: int, patch: float, max_pixels: int, log: Callable[[str], None]
                   ) -> tuple[list[list[np.ndarray | None]], int]:
     """The preview tile of every cell of some grids (None for a cell no image could show).
 
     Args:
         acts: the run's activations (positions, images, geometry).
-        images: the folder the image paths are relative to.
+        image_path: image index -> its file (`Run.source_image`, which refuses a changed file).
         grids: (layer, grid) pairs: the layer whose samples the grid's members are.
         px: tile side in pixels.
         members: members averaged per cell (the most similar to the cell's direction).
@@ -102,14 +102,10 @@ def preview_tiles(acts: Activations, images: Path, grids: Sequence[tuple[str, Gr
     Returns:
         per grid, its tiles; and the number of source images that could not be read.
     """
-    if not images.is_dir():
-        raise AtlasError(f"images folder {images} does not exist, and the preview is made of its images; "
-                         "--set images=DIR, or set mosaic.preview = false")
     if acts.preprocess is None:
         raise AtlasError(f"{acts.path} lacks the preprocess attribute the preview needs; "
                          f"run `atlas collect {acts.path.parent} --force`, or set mosaic.preview = false")
     crop = Preprocess(**acts.preprocess)
-    relpaths = acts.images.path
     job_of, cell_of, image_of, boxes = [], [], [], []
     for k, (layer, grid) in enumerate(grids):
         samples = acts.layer(layer)
@@ -133,7 +129,7 @@ def preview_tiles(acts: Activations, images: Path, grids: Sequence[tuple[str, Gr
     for begin, stop in _progress(zip(starts, stops), len(starts)):
         picked = order[begin:stop]
         try:
-            pixels = crop.crop(load_image(images / relpaths[image_of[picked[0]]], max_pixels))
+            pixels = crop.crop(load_image(image_path(int(image_of[picked[0]])), max_pixels))
         except (BadImage, OSError, ValueError):
             bad += 1
             continue

@@ -108,15 +108,16 @@ def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, refer
         # (whose results per image are identical whatever the batch), and 256 Adam steps through
         # ReLU kinks grow that rounding into visible differences. A lone icon is computed as a
         # pair, so every icon gets the same arithmetic whatever its batch.
-        pair = optimize_icons(network, layer, np.repeat(vectors, 2, 0), np.repeat(reference, 2, 0), [seeds[0]] * 2,
-                         on_step, **settings)
+        pair = optimize_icons(network, layer, np.repeat(vectors, 2, 0), np.repeat(reference, 2, 0),
+                              [seeds[0]] * 2, on_step, **settings)
         return IconBatch(pair.images[:1], pair.objective[:1], pair.cosine[:1])
     return optimize_icons(network, layer, vectors, reference, seeds, on_step, **settings)
 
 
 def optimize_icons(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
-              seeds: Sequence[int], on_step: Callable[[int], None] | None, *, icon_size: int, steps: int, lr: float,
-              cos_power: float, decorrelate: bool, pad: int, jitter: int, scale: float, rotate: float) -> IconBatch:
+                   seeds: Sequence[int], on_step: Callable[[int], None] | None, *, icon_size: int, steps: int,
+                   lr: float, cos_power: float, decorrelate: bool, pad: int, jitter: int, scale: float,
+                   rotate: float) -> IconBatch:
     """`render_batch` without its care for lone icons: a batch of one may round differently
     from the same icon in a larger batch."""
     generators = optvis.make_generators(seeds)
@@ -336,10 +337,8 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     if resumed:
         log(f"render: {name} {grid.size}x{grid.size}: resuming, {resumed} of {n_jobs} attempts already rendered")
 
+    # config validation asks grid.whiten for render.whiten, and a current grid was made with it
     vectors = grid.direction_whitened if r.whiten else grid.direction
-    if vectors is None:
-        raise AtlasError(f"render.whiten = true but {store.grid_path} has no whitened directions; set grid.whiten = "
-                         f"true and run `atlas grid {store.root}` again")
     seeds = np.array([icon_seed(r.seed, grid.size, int(grid.cell[c, 0]), int(grid.cell[c, 1]), int(a))
                       for c, a in zip(jobs_cell, jobs_attempt)], dtype=object)
     todo = np.flatnonzero(~done)

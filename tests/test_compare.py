@@ -20,7 +20,6 @@ from atlas.focus import MapSpec, class_scores
 from atlas.neighbors import (effective_neighbors, image_embeddings, nearest_neighbors, shared_neighbor_fraction,
                              shared_neighbor_matrix)
 from atlas.store import Run
-from atlas.store.fingerprints import preview_png_fingerprint
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
 
@@ -171,11 +170,12 @@ def toy_run(tmp_path_factory):
         picture = np.full((16, 16, 3), colour, np.uint8)
         if kind == "atlas":
             write_icons(config, layer, grid, {tuple(c): colour for c in grid.cell.tolist()})
+            spec = MapSpec(layer, layer)
             store.write_picture(picture, store.atlas_png(layer, size),
-                                store.atlas_png_fingerprint(MapSpec(layer, layer), grid, grid_fp))
+                                store.atlas_png_fingerprint(spec, grid, grid_fp, store.icons(spec, grid)))
         else:
             store.write_picture(picture, store.preview_png(layer, size),
-                                preview_png_fingerprint(config, layer, size, grid_fp))
+                                store.preview_png_fingerprint(MapSpec(layer, layer), grid, grid_fp))
     return run_dir
 
 
@@ -279,7 +279,7 @@ def _broken(toy_run, tmp_path, what):
     ("layout.h5", r"layout.h5 not found; run `atlas layout .*`, then grid, render, mosaic$"),
     ("activations.h5", r"activations.h5 not found; run `atlas collect .*`, then layout, grid, render, mosaic$"),
     ("config", r"has no config.toml, so it is not a run directory; build one with `atlas run CONFIG`"),
-    ("images", r"no grid size has a current atlas image for every compared layer.*`atlas mosaic"),
+    ("images", r"no grid size has a current atlas image for every compared layer.*`atlas run .*` \(it redoes only what is stale\)"),
     ("stale", r"layout.h5 is out of date \(made from other activations\); run `atlas layout .*`, then grid, render"),
 ])
 def test_broken_run_errors(toy_run, tmp_path, what, message):
@@ -298,9 +298,9 @@ def test_no_images_in_common(toy_run, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"layers": ["blocks.3"]},
-     r"unknown layer 'blocks.3' in --layers; did you mean blocks.2, blocks.1\? run .* has blocks.1, blocks.2$"),
+     r"unknown layer .blocks.3.; did you mean blocks.2, blocks.1\? run .* has blocks.1, blocks.2$"),
     ({"grid": 3}, r"layer 'blocks.1' of run .* has no 3x3 grid \(it has 2, 4\)"),
-    ({"grid": 2}, r"layer 'blocks.2' of run .* has no current atlas or preview image at grid 2; run `atlas mosaic"),
+    ({"grid": 2}, r"layer 'blocks.2' of run .* has no current atlas or preview image at grid 2; run `atlas run"),
     ({"neighbors": 0}, r"--neighbors must be >= 1"),
 ])
 def test_option_errors(toy_run, tmp_path, kwargs, message):

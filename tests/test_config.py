@@ -63,7 +63,7 @@ def test_overrides_parse_toml_values_and_plain_strings(tmp_path, monkeypatch):
     (BASE.replace('["blocks.9"]', "[]"), "at least one layer"),
     (BASE + "[layout]\npairs = [[\"a\", \"b\", \"c\"]]\n", "two classes"),
     (BASE + "[layout]\nfocus_layers = [\"blocks.8\"]\n", "not in layers"),
-    (BASE + "[render]\nsizes_for = {\"blocks.9\" = [10, 7]}\n", r"render.sizes \[7\] are not in grid.sizes"),
+    (BASE + "[render]\nsizes_for = {\"blocks.9\" = [10, 7]}\n", r"render.sizes_for.blocks.9 \[7\] are not in grid.sizes"),
     (BASE + "[render]\nsizes_for = {\"blocks.9\" = 10}\n", "sizes_for.blocks.9 must be a list"),
 ])
 def test_bad_configs_fail_with_one_clear_line(tmp_path, text, message):
@@ -157,7 +157,7 @@ BAD_FIELDS = [
     ("render.sizes", "[0]", r"render.sizes must list positive grid sizes"),
     ("render.sizes", "[7]", r"render.sizes \[7\] are not in grid.sizes \[10, 20, 40\]"),
     ("render.sizes_for", '{"blocks.9" = 10}', r"render.sizes_for.blocks.9 must be a list of grid sizes"),
-    ("render.sizes_for", '{"blocks.9" = [10, 7]}', r"render.sizes \[7\] are not in grid.sizes"),
+    ("render.sizes_for", '{"blocks.9" = [10, 7]}', r"render.sizes_for.blocks.9 \[7\] are not in grid.sizes"),
     ("render.sizes_for", '{"blocks.8" = [10]}', r"render.sizes_for names 'blocks.8', whose layer is not in layers"),
     ("render.icon_size", "8", r"render.icon_size must be >= 16"),
     ("render.steps", "0", r"render.steps must be >= 1"),

@@ -278,15 +278,20 @@ def test_atlas_from_icons_and_stale_icons_are_refused(tmp_path):
     assert run(config, log=lambda s: None).written == []  # not rendered yet: nothing to draw
     folder = write_icons(config, "blocks.1", grid, {(0, 0): icon_colour(0), (1, 0): icon_colour(1),
                                                     (1, 1): icon_colour(2)}, px=20)  # no icon for (0, 1)
-    (folder / "cell-1-0.png").write_bytes(b"not a png")  # unreadable: drawn white and counted
     summary = run(config, log=lambda s: None)
     path = tmp_path / "blocks.1" / "atlas-2.png"
-    assert summary.written == [path] and summary.missing_icons == 2
+    assert summary.written == [path] and summary.missing_icons == 1  # (0, 1) has no icon: left white
     image, _ = read_png(path)
     assert (cell_pixels(image, 0, 0) == icon_colour(0)).all()  # a 20 px icon drawn at 16 px
-    assert (cell_pixels(image, 1, 1) == icon_colour(2)).all()
-    assert (cell_pixels(image, 1, 0) == WHITE).all() and (cell_pixels(image, 0, 1) == WHITE).all()
+    assert (cell_pixels(image, 1, 1) == icon_colour(2)).all() and (cell_pixels(image, 1, 0) == icon_colour(1)).all()
+    assert (cell_pixels(image, 0, 1) == WHITE).all()
     assert run(config, log=lambda s: None).written == []
+    good = (folder / "cell-1-0.png").read_bytes()
+    (folder / "cell-1-0.png").write_bytes(good[:len(good) // 2])  # damaged: render must redo the folder
+    with pytest.raises(AtlasError, match=r"icons-2 is incomplete \(an icon file is missing or unreadable\); "
+                                         r"run `atlas render .*`, then mosaic"):
+        run(config, log=lambda s: None)
+    (folder / "cell-1-0.png").write_bytes(good)
 
     other = dataclasses.replace(config, render=dataclasses.replace(config.render, steps=7))
     write_icons(other, "blocks.1", grid, {(0, 0): icon_colour(3)}, px=20)  # rendered with other settings

@@ -3,7 +3,8 @@
 Schema (documented for users in README):
 - `/images/path` (n_images,) str (relative to `images`, sorted), `/images/label` int32 (-1 if
   unknown), `/images/pred` int32 (top-1, -1 if not computed), `/images/status` str (`ok` or why
-  the image was skipped).
+  the image was skipped), `/images/stat` (n_images, 2) int64 (file size, modification time in
+  ns at collect; -1 where the file could not be read).
 - `/classes/name`, `/classes/wnid` (n_classes,) str, for models with known classes.
 - `/layers/<layer>/acts` (n, C) float16/float32, `image` (n,) int32, `yx` (n, 2) int16, and with
   attribution `attr` (n, n_classes) float16; all chunked and growable along the first axis.
@@ -40,6 +41,7 @@ class Images:
     label: np.ndarray  # (n_images,) int32, -1 if unknown
     pred: np.ndarray  # (n_images,) int32 top-1 prediction, -1 if not computed
     status: np.ndarray  # (n_images,) str, "ok" or why the image was skipped
+    stat: np.ndarray | None = None  # (n_images, 2) int64 file size and modification time (ns) at collect
 
     def __len__(self) -> int:
         return len(self.path)
@@ -116,7 +118,8 @@ class Activations:
             n = len(group["path"])
             self._images = Images(group["path"].asstr()[()], group["label"][()],
                                   group["pred"][()] if "pred" in group else np.full(n, -1, np.int32),
-                                  group["status"].asstr()[()] if "status" in group else np.full(n, "ok"))
+                                  group["status"].asstr()[()] if "status" in group else np.full(n, "ok"),
+                                  group["stat"][()] if "stat" in group else None)
         return self._images
 
     def has_layer(self, layer: str) -> bool:
@@ -125,8 +128,7 @@ class Activations:
     def layer(self, layer: str) -> LayerSamples:
         """The samples of one layer; AtlasError when the file has none for it."""
         if not self.has_layer(layer):
-            raise AtlasError(f"{self.path} has no layer {layer!r}; run `atlas collect {self.path.parent}` "
-                             "with this config")
+            raise AtlasError(f"{self.path} has no layer {layer!r}; run `atlas collect {self.path.parent}`")
         return LayerSamples(self._h5[f"layers/{layer}"], layer, self.layer_shapes.get(layer))
 
 
@@ -139,10 +141,14 @@ class ActivationsWriter:
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
         self.samples: dict[str, int] = {}  # samples written per layer
 
-    def images(self, paths: Sequence[str], labels: Sequence[int]) -> None:
+    def images(self, paths: Sequence[str], labels: Sequence[int], stat: np.ndarray | None = None) -> None:
+        """The images, in index order: paths, labels and, when known, (size, mtime_ns) per file
+        (readers check it before cutting patches, so new pixels never meet old positions)."""
         group = self._h5.create_group("images")
         group.create_dataset("path", data=np.array(list(paths), dtype=object), dtype=h5py.string_dtype())
         group.create_dataset("label", data=np.asarray(labels, dtype=np.int32))
+        if stat is not None:
+            group.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(-1, 2))
 
     def classes(self, names: Sequence[str] | None, wnids: Sequence[str] | None) -> None:
         write_classes(self._h5, names, wnids)

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..artifacts import fingerprint, to_jsonable
 
 if TYPE_CHECKING:
@@ -35,21 +37,26 @@ def collect_settings(table: Any) -> dict[str, Any]:
     return out
 
 
-def collect_fingerprint(config: Config, preprocess: Any, records: Sequence[ImageRecord]) -> str:
-    """Everything that decides the content of activations.h5: the model and its preprocessing, the
-    layers, the [collect] settings that change samples, and each image's path, size and mtime
-    (not workers, threads or device)."""
-    c = config.collect
-    images = []
-    for r in records:
+def image_stats(records: Sequence[ImageRecord]) -> np.ndarray:
+    """(n, 2) int64 size and modification time (ns) of each image file; -1, -1 where unreadable."""
+    out = np.full((len(records), 2), -1, np.int64)
+    for i, r in enumerate(records):
         try:
             st = r.path.stat()
-            images.append((r.relpath, st.st_size, st.st_mtime_ns))
+            out[i] = st.st_size, st.st_mtime_ns
         except OSError:
-            images.append((r.relpath, -1, -1))
+            pass
+    return out
+
+
+def collect_fingerprint(config: Config, preprocess: Any, records: Sequence[ImageRecord], stats: np.ndarray) -> str:
+    """Everything that decides the content of activations.h5: the model and its preprocessing, the
+    layers, the [collect] settings that change samples (COLLECT_KEYS), and each image's path, size
+    and mtime (`image_stats`; not workers, threads or device)."""
+    c = config.collect
+    images = [(r.relpath, int(size), int(mtime)) for r, (size, mtime) in zip(records, stats)]
     return fingerprint("collect", config.model, config.weights, preprocess, config.layers,
-                       c.samples_per_image, c.border, c.batch_size, c.attribution, c.attribution_batch, c.predict,
-                       c.dtype, c.seed, c.max_images, c.max_image_pixels, images)
+                       *(getattr(c, key) for key in COLLECT_KEYS), images)
 
 
 def layout_fingerprint(config: Config, activations: str) -> str:
@@ -97,3 +104,12 @@ def preview_png_fingerprint(config: Config, name: str, size: int, grid: str) -> 
 def labels_png_fingerprint(image: str) -> str:
     """The labelled copy of an atlas image: the image's fingerprint and how labels are drawn."""
     return fingerprint("mosaic-labels", image, {"min_px": LABEL_MIN_PX, "version": 1})
+
+
+def view_fingerprint(config: Config, grid: str, icons: dict[str, str | None], assets: str, settings: Any) -> str:
+    """RUN/viewer: the grid file, each (map, size)'s icons (None: preview tiles), the images, the
+    preview settings, the viewer's own settings and files (`assets`, a hash of them)."""
+    mc = config.mosaic
+    preview = {"members": mc.preview_members, "patch": mc.preview_patch, "px": tile_px(config),
+               "images": str(config.images), "max_image_pixels": config.collect.max_image_pixels}
+    return fingerprint("view", grid, icons, preview, settings, assets)

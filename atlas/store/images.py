@@ -9,11 +9,12 @@ fingerprint in a text chunk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,15 @@ class IconSet:
             return None
 
     def complete(self) -> bool:
-        """Whether every icon icons.json lists is on disk."""
-        return all((self.folder / str(e.get("file", ""))).is_file() for e in self.entries)
+        """Whether every icon icons.json lists is on disk and reads as a whole image (a damaged
+        file would otherwise be drawn white as if it were current)."""
+        for entry in self.entries:
+            try:
+                with Image.open(self.folder / str(entry.get("file", ""))) as icon:
+                    icon.verify()
+            except (OSError, SyntaxError, ValueError):  # PIL's verify raises SyntaxError on bad chunks
+                return False
+        return True
 
 
 def read_icon_set(folder: Path) -> IconSet | None:
@@ -86,13 +94,22 @@ def write_icon_set(folder: Path, images: np.ndarray, entries: Sequence[Mapping[s
                    meta: Mapping[str, Any]) -> IconSet:
     """Writes the PNGs and icons.json into a hidden folder, then swaps it in for `folder`, so a
     reader sees the old set or the new one, never a mixture."""
+    with folder_swap(folder) as tmp:
+        for image, entry in zip(images, entries):
+            Image.fromarray(image).save(tmp / entry["file"])
+        (tmp / ICONS_JSON).write_text(json.dumps(dict(meta), indent=1) + "\n")
+    return IconSet(folder, dict(meta))
+
+
+@contextlib.contextmanager
+def folder_swap(folder: Path) -> Iterator[Path]:
+    """Yields an empty hidden folder beside `folder`; if the block succeeds it replaces `folder`
+    (in two renames), else it is removed and `folder` is untouched."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for image, entry in zip(images, entries):
-            Image.fromarray(image).save(tmp / entry["file"])
-        (tmp / ICONS_JSON).write_text(json.dumps(dict(meta), indent=1) + "\n")
+        yield tmp
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         if folder.exists():
             os.replace(folder, old)
@@ -100,7 +117,6 @@ def write_icon_set(folder: Path, images: np.ndarray, entries: Sequence[Mapping[s
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return IconSet(folder, dict(meta))
 
 
 def png_fingerprint(path: Path) -> str | None:
@@ -108,8 +124,8 @@ def png_fingerprint(path: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        with Image.open(path) as image:
-            return getattr(image, "text", {}).get(FINGERPRINT_KEY)
+        with Image.open(path) as image:  # text chunks written before the pixels are read by open()
+            return image.info.get(FINGERPRINT_KEY)
     except (OSError, ValueError):
         return None
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ class Layout:
             out = {}
             for name in names:
                 if name not in h5 or "xy" not in h5[name]:
-                    raise AtlasError(f"{path} has no map {name!r}; run `atlas layout` for this config")
+                    raise AtlasError(f"{path} has no map {name!r}; run `atlas layout {Path(path).parent}`")
                 group = h5[name]
                 rows = group["rows"][()] if "rows" in group else None
                 out[name] = MapLayout(group["xy"][:], {k: to_jsonable(v) for k, v in group.attrs.items()}, rows)
@@ -259,8 +259,9 @@ class GridSet:
 class GridFile:
     """A reader of one grid.h5 that loads one map's grid of one size at a time."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, run: str | Path | None = None):
         self.path = Path(path)
+        self._run = Path(run) if run is not None else self.path.parent
         with h5py.File(self.path, "r") as h5:
             self.fingerprint = str(h5.attrs["fingerprint"])
             self.specs = read_maps(h5)
@@ -279,11 +280,8 @@ class GridFile:
     def grid(self, name: str, size: int) -> Grid:
         """One map's grid of one size; AtlasError naming the sizes it has when there is none."""
         if size not in self.sizes(name):
-            have = {m: s for m, s in self._sizes.items()}
-            raise AtlasError(f"{self.path} has no {size}x{size} grid for {name!r}; it has {have}")
+            have = ", ".join(map(str, self.sizes(name))) or "none"
+            raise AtlasError(f"{self.path} has no {size}x{size} grid for {name!r} (it has {have}); pick one of those, "
+                             f"or add {size} to grid.sizes: `atlas grid {self._run} --set grid.sizes=[...]`")
         with h5py.File(self.path, "r") as h5:
             return _read_grid(h5[f"{name}/{size}"])
-
-    def grids(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Grid]:
-        """Several (map, size) grids in one opening of the file."""
-        return {key: self.grid(*key) for key in keys}

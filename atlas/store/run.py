@@ -5,12 +5,15 @@ The rule: an artifact is current when it is complete and the fingerprint it carr
 they are on disk now. The fingerprints chain (each includes its inputs'), so a current artifact was
 made from the current generation of everything upstream of it. A stage redoes what is not current;
 a reader refuses it with one line naming the command to run. Nothing combines two generations.
+
+Readers and stages name the last stage they stand for (`upto`, one of STAGES), so a refusal lists
+the stages to run from the stale one up to it. Source images are checked against the size and
+modification time recorded at collect whenever pixels are cut from them (`source_image`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..artifacts import atomic_path
-from ..errors import AtlasError
+from ..errors import AtlasError, unknown_name
 from ..focus import MapSpec
 from . import fingerprints as fp
 from .activations import Activations, ActivationsWriter, write_activations
-from .images import IconSet, png_fingerprint, read_icon_set, write_icon_set, write_png
+from .images import IconSet, folder_swap, png_fingerprint, read_icon_set, write_icon_set, write_png
 from .maps import Grid, GridFile, GridSet, Layout
 from .provenance import read_provenance
 
@@ -36,7 +39,9 @@ LAYOUT = "layout.h5"
 GRID = "grid.h5"
 COLLECT_PARTS = ".collect-parts"
 RECEPTIVE_FIELD = "receptive-field.json"
-STAGES = ("collect", "layout", "grid", "render", "mosaic")
+VIEWER = "viewer"
+VIEWER_MANIFEST = "viewer.json"  # the viewer folder's fingerprint
+STAGES = ("collect", "layout", "grid", "render", "mosaic", "view")
 
 
 class Run:
@@ -59,6 +64,9 @@ class Run:
     def open(cls, path: str | Path) -> "Run":
         """Opens an existing run directory by its config copy; one-line AtlasError if it is not one."""
         path = Path(path)
+        if path.is_file():
+            raise AtlasError(f"{path} is a file (a config?), not a run directory; pass the run_dir a config "
+                             "names, once `atlas run CONFIG` has built it")
         if not path.is_dir():
             raise AtlasError(f"run directory {path} not found; build one with `atlas run CONFIG` (a config's run_dir)")
         if not (path / CONFIG).is_file():
@@ -75,14 +83,17 @@ class Run:
 
     @property
     def activations_path(self) -> Path:
+        """RUN/activations.h5: the collect stage's samples."""
         return self.root / ACTIVATIONS
 
     @property
     def layout_path(self) -> Path:
+        """RUN/layout.h5: every map's 2-D positions."""
         return self.root / LAYOUT
 
     @property
     def grid_path(self) -> Path:
+        """RUN/grid.h5: every map's grids."""
         return self.root / GRID
 
     @property
@@ -95,6 +106,7 @@ class Run:
         return self.root / name
 
     def icons_dir(self, name: str, size: int) -> Path:
+        """RUN/<map>/icons-<N>: an icon per cell and icons.json."""
         return self.map_dir(name) / f"icons-{size}"
 
     def icons_work_dir(self, name: str, size: int) -> Path:
@@ -102,9 +114,11 @@ class Run:
         return self.map_dir(name) / f".icons-{size}.partial"
 
     def atlas_png(self, name: str, size: int, labels: bool = False) -> Path:
+        """RUN/<map>/atlas-<N>.png (or its labelled copy)."""
         return self.map_dir(name) / f"atlas-{size}{'-labels' if labels else ''}.png"
 
     def preview_png(self, name: str, size: int, labels: bool = False) -> Path:
+        """RUN/<map>/atlas-preview-<N>.png (or its labelled copy)."""
         return self.map_dir(name) / f"atlas-preview-{size}{'-labels' if labels else ''}.png"
 
     def inspect_path(self, name: str, size: int, x: int, y: int) -> Path:
@@ -112,25 +126,33 @@ class Run:
         return self.map_dir(name) / "inspect" / f"cell-{size}-{x}-{y}.png"
 
     def patches_path(self, layer: str, channel: int) -> Path:
+        """The panel PNG of `atlas patches`."""
         return self.map_dir(layer) / "patches" / f"channel-{channel}.png"
 
-    def receptive_field_path(self, layer: str) -> Path:
-        return self.map_dir(layer) / RECEPTIVE_FIELD
-
     def compare_path(self, size: int) -> Path:
+        """The default figure of `atlas compare`."""
         return self.root / f"compare-{size}.png"
+
+    @property
+    def viewer_dir(self) -> Path:
+        """RUN/viewer: the interactive atlas (index.html and its data)."""
+        return self.root / VIEWER
 
     # ------------------------------------------------------------------------------- freshness
 
     def _refuse(self, path: Path, why: str, stale: str, upto: str) -> AtlasError:
         """The one line for an artifact that is missing or not current: what, why, and the stages
-        to run (from the stale one to the one the caller needs)."""
-        first, *then = STAGES[STAGES.index(stale):STAGES.index(upto) + 1]
-        return AtlasError(f"{path} {why}; run `atlas {first} {self.root}`" + (f", then {', '.join(then)}" if then else ""))
+        to run (from the stale one to the one the caller stands for)."""
+        if upto not in STAGES:
+            raise ValueError(f"upto must be one of {', '.join(STAGES)}, got {upto!r}")
+        first = STAGES.index(stale)
+        first_stage, *then = STAGES[first:max(first, STAGES.index(upto)) + 1]
+        return AtlasError(f"{path} {why}; run `atlas {first_stage} {self.root}`"
+                          + (f", then {', '.join(then)}" if then else ""))
 
     def activations_fingerprint(self, upto: str = "collect") -> str:
         """The fingerprint of a complete activations.h5 collected with this config (the root of
-        every chain; whether the images changed since is for collect itself to find out)."""
+        every chain; that its images are unchanged is checked where they are read, `source_image`)."""
         path = self.activations_path
         recorded = self._recorded(path, "collect", upto)
         made, now = fp.collect_settings(json.loads(recorded["config"])), fp.collect_settings(self.config)
@@ -142,6 +164,7 @@ class Run:
         return recorded["fingerprint"]
 
     def expected_layout_fingerprint(self, upto: str = "layout") -> str:
+        """The fingerprint layout.h5 must carry to be current (given current activations)."""
         return fp.layout_fingerprint(self.config, self.activations_fingerprint(upto))
 
     def layout_fingerprint(self, upto: str = "layout") -> str:
@@ -164,6 +187,7 @@ class Run:
         return recorded
 
     def expected_grid_fingerprint(self, upto: str = "grid") -> str:
+        """The fingerprint grid.h5 must carry to be current (given a current layout)."""
         return fp.grid_fingerprint(self.config, self.layout_fingerprint(upto), self.activations_fingerprint(upto))
 
     def grid_fingerprint(self, upto: str = "grid") -> str:
@@ -183,31 +207,38 @@ class Run:
         return recorded is not None and recorded["fingerprint"] == expected
 
     def icons_state(self, spec: MapSpec, grid: Grid) -> tuple[str, IconSet | None]:
-        """("missing" | "stale" | "current", the icon set) of a map's icons at the grid's size.
-
-        Missing: no finished folder (render has not run or not finished). Stale: made for another
-        grid, [render] config or model, or files gone.
-        """
+        """("missing" | "stale" | "incomplete" | "current", the icon set) of a map's icons at the
+        grid's size. Missing: render has not finished that folder. Stale: made for another grid,
+        [render] config or model. Incomplete: an icon file is gone or unreadable."""
         icons = read_icon_set(self.icons_dir(spec.name, grid.size))
         if icons is None:
             return "missing", None
-        current = icons.fingerprint == fp.icons_fingerprint(self.config, grid, spec.layer) and icons.complete()
-        return ("current" if current else "stale"), icons
+        if icons.fingerprint != fp.icons_fingerprint(self.config, grid, spec.layer):
+            return "stale", icons
+        return ("current" if icons.complete() else "incomplete"), icons
 
     def icons(self, spec: MapSpec, grid: Grid, upto: str = "render") -> IconSet | None:
-        """A map's current icons at the grid's size; None when not rendered; AtlasError when stale."""
+        """A map's current icons at the grid's size; None when not rendered; AtlasError when they
+        are stale or incomplete (render redoes them)."""
         state, icons = self.icons_state(spec, grid)
-        if state == "stale":
-            raise self._refuse(self.icons_dir(spec.name, grid.size), "is out of date (made from another grid, "
-                               "[render] config or model)", "render", upto)
+        why = {"stale": "is out of date (made from another grid, [render] config or model)",
+               "incomplete": "is incomplete (an icon file is missing or unreadable)"}
+        if state in why:
+            raise self._refuse(self.icons_dir(spec.name, grid.size), why[state], "render", upto)
         return icons
 
-    def atlas_png_fingerprint(self, spec: MapSpec, grid: Grid, grid_fp: str) -> str | None:
-        """The fingerprint atlas-N.png must carry now, or None while the map has no current icons."""
-        state, icons = self.icons_state(spec, grid)
-        if state != "current" or icons is None:
-            return None
+    def atlas_png_fingerprint(self, spec: MapSpec, grid: Grid, grid_fp: str, icons: IconSet) -> str:
+        """The fingerprint atlas-N.png of a map must carry, drawn from these (current) icons."""
         return fp.atlas_png_fingerprint(self.config, spec.name, grid.size, grid_fp, icons.fingerprint)
+
+    def preview_png_fingerprint(self, spec: MapSpec, grid: Grid, grid_fp: str) -> str:
+        """The fingerprint atlas-preview-N.png of a map must carry."""
+        return fp.preview_png_fingerprint(self.config, spec.name, grid.size, grid_fp)
+
+    @staticmethod
+    def picture_is_current(path: Path, expected: str) -> bool:
+        """Whether the atlas picture at `path` carries `expected` (PNG text chunk)."""
+        return png_fingerprint(path) == expected
 
     def atlas_image(self, name: str, size: int) -> tuple[Path, str] | None:
         """The current picture of a map at grid N, (path, "icons") for atlas-N.png, else
@@ -218,17 +249,51 @@ class Run:
         if spec is None or size not in grids.sizes(name):
             return None
         grid = grids.grid(name, size)
-        atlas_fp = self.atlas_png_fingerprint(spec, grid, grid_fp)
-        if atlas_fp is not None and png_fingerprint(self.atlas_png(name, size)) == atlas_fp:
+        state, icons = self.icons_state(spec, grid)
+        if state == "current" and icons is not None and self.picture_is_current(
+                self.atlas_png(name, size), self.atlas_png_fingerprint(spec, grid, grid_fp, icons)):
             return self.atlas_png(name, size), "icons"
-        if png_fingerprint(self.preview_png(name, size)) == fp.preview_png_fingerprint(self.config, name, size, grid_fp):
+        if self.picture_is_current(self.preview_png(name, size), self.preview_png_fingerprint(spec, grid, grid_fp)):
             return self.preview_png(name, size), "preview"
         return None
+
+    def viewer_fingerprint(self) -> str | None:
+        """The fingerprint the viewer folder was built with, or None when there is none."""
+        try:
+            return str(json.loads((self.viewer_dir / VIEWER_MANIFEST).read_text())["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def source_image(self, acts: Activations, i: int) -> Path:
+        """The path of image i for cutting patches from; AtlasError when the file changed since it
+        was collected (size or modification time), since positions from the old pixels would be
+        shown on new ones. A missing file is returned as is (readers skip and count it)."""
+        path = self.config.images / str(acts.images.path[i])
+        recorded = acts.images.stat
+        if recorded is None:
+            return path  # collected before sizes and times were recorded
+        try:
+            st = path.stat()
+        except OSError:
+            return path
+        if (st.st_size, st.st_mtime_ns) != tuple(int(v) for v in recorded[i]):
+            raise self._refuse(path, "changed since it was collected (size or modification time differs)",
+                               "collect", "collect")
+        return path
+
+    def receptive_field(self, layer: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The receptive field cached for a layer when it was measured for the same `key` (model,
+        layer, input size), else None."""
+        try:
+            data = json.loads((self.map_dir(layer) / RECEPTIVE_FIELD).read_text())
+        except (OSError, ValueError):
+            return None
+        return data.get("field") if isinstance(data, dict) and data.get("key") == dict(key) else None
 
     # --------------------------------------------------------------------------------- readers
 
     def activations(self, upto: str = "collect") -> Activations:
-        """The complete activations.h5, open (use `with`)."""
+        """The complete activations.h5, open (use `with`). `upto`: the stage the caller stands for."""
         self.activations_fingerprint(upto)
         return Activations(self.activations_path)
 
@@ -240,7 +305,7 @@ class Run:
     def grid_file(self, upto: str = "grid") -> GridFile:
         """The current grid.h5, read one grid at a time."""
         self.grid_fingerprint(upto)
-        return GridFile(self.grid_path)
+        return GridFile(self.grid_path, self.root)
 
     def grid(self, name: str, size: int, upto: str = "grid") -> Grid:
         """One map's current grid of one size."""
@@ -256,10 +321,7 @@ class Run:
         for spec in specs:
             if spec.name == name:
                 return spec
-        known = [m.name for m in specs]
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise AtlasError(f"unknown layer {name!r} for run {self.root}; {hint}the run has {', '.join(known)}")
+        raise unknown_name("layer", name, [m.name for m in specs], f"run {self.root} has")
 
     # --------------------------------------------------------------------------------- writers
 
@@ -270,19 +332,35 @@ class Run:
             yield writer
 
     def write_layout(self, layout: Layout) -> Path:
+        """Writes layout.h5 atomically."""
         with atomic_path(self.layout_path) as tmp:
             layout.save(tmp)
         return self.layout_path
 
     def write_grids(self, grids: GridSet) -> Path:
+        """Writes grid.h5 atomically."""
         with atomic_path(self.grid_path) as tmp:
             grids.save(tmp)
         return self.grid_path
 
     def write_icons(self, name: str, size: int, images: np.ndarray, entries: Sequence[Mapping[str, Any]],
                     meta: Mapping[str, Any]) -> IconSet:
+        """Writes a map's icons folder for one grid size, swapped in whole."""
         return write_icon_set(self.icons_dir(name, size), images, entries, meta)
+
+    @contextlib.contextmanager
+    def write_viewer(self, fingerprint: str) -> Iterator[Path]:
+        """Yields an empty folder to build the viewer in; it replaces RUN/viewer (with its
+        fingerprint recorded) only when the block succeeds."""
+        with folder_swap(self.viewer_dir) as tmp:
+            yield tmp
+            (tmp / VIEWER_MANIFEST).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
 
     def write_picture(self, canvas: np.ndarray, path: Path, fingerprint: str, **provenance: str) -> None:
         """An atlas image with its fingerprint, so it is redrawn only when what made it changes."""
         write_png(canvas, path, fingerprint, **provenance)
+
+    def write_receptive_field(self, layer: str, key: Mapping[str, Any], field: Mapping[str, Any]) -> None:
+        """Caches a layer's measured receptive field with the key it was measured for."""
+        with atomic_path(self.map_dir(layer) / RECEPTIVE_FIELD) as tmp:
+            tmp.write_text(json.dumps({"key": dict(key), "field": dict(field)}, indent=1))
