@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
         if stage == "view":
             p.add_argument("--serve", action="store_true", help="then serve the viewer on localhost")
-            p.add_argument("--port", type=int, default=8000, help="port for --serve (default: 8000; 0 = any free one)")
+            p.add_argument("--port", type=_port, default=8000, help="port for --serve (default: 8000; 0 = any free one)")
         p.set_defaults(handler=cmd_stage)
 
     _add_reading_parsers(sub)
@@ -144,6 +144,17 @@ def _add_view_parsers(sub) -> None:
     p.add_argument("model", help=MODEL_HELP)
     common(p, model_option=False)
     p.set_defaults(handler=cmd_filters)
+
+
+def _port(text: str) -> int:
+    """A TCP port number for --port (0 = any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
 
 
 def _version() -> str:

@@ -27,6 +27,7 @@ import http.server
 import importlib.resources
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,7 +148,8 @@ def _asset(name: str) -> bytes:
 def view_fingerprint(config: Config, grid_fp: str, sheets: Sequence[_Sheet]) -> str:
     """What the viewer folder depends on (atlas.store.fingerprints.view_fingerprint)."""
     icons = {s.key: s.icons.fingerprint if s.icons is not None else None for s in sheets}
-    settings = {"members": MEMBERS, "patch_px": PATCH_PX, "version": VIEWER_VERSION}
+    settings = {"members": MEMBERS, "patch_px": PATCH_PX, "version": VIEWER_VERSION,
+                "run": str(config.run_dir)}  # the page names the run (title, inspect command)
     return fp.view_fingerprint(config, grid_fp, icons, assets_digest(), settings)
 
 
@@ -193,12 +195,15 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
 
 
 def _plan(store: Run, grid_file: GridFile) -> list[_Sheet]:
-    """Every (map, size) of the run, with its current icons (None where that size has none)."""
+    """Every (map, size) of the run, with its current icons where render makes them (None: the
+    preview tiles are shown; an icons folder of a size render no longer makes is ignored, as
+    mosaic ignores it)."""
     sheets = []
     for spec in grid_file.specs:
+        rendered = set(store.config.render.sizes_of(spec.name, store.config.grid.sizes))
         for size in grid_file.sizes(spec.name):
             grid = grid_file.grid(spec.name, size)
-            icons = store.icons(spec, grid, upto="view")  # icons made for another grid are refused
+            icons = store.icons(spec, grid, upto="view") if size in rendered else None  # stale ones refused
             sheets.append(_Sheet(spec, grid, icons, f"{_slug(spec.name)}-{size}"))
     return sheets
 
@@ -315,7 +320,7 @@ def _write_run(folder: Path, store: Run, acts: Activations, grid_file: GridFile,
             "classes": grid_file.class_names, "images": [str(p) for p in acts.images.path],
             "labels": acts.images.label.tolist(), "maps": maps,
             "patch": {"tile": PATCH_PX, "cols": PATCH_COLS, "per_sheet": PATCH_COLS * PATCH_COLS},
-            "inspect": f"atlas inspect {store.root}"}
+            "inspect": f"atlas inspect {shlex.quote(str(store.root))}"}
     _write_script(folder / "data" / "run.js", "ATLAS.run", data)
 
 

@@ -63,8 +63,15 @@ def test_the_viewer_folder_holds_page_data_sprites_and_patches(viewer_run):
             assert data["cell"] == grid.cell.ravel().tolist() and data["count"] == grid.count.tolist()
             assert data["top_class"] == grid.top_class.ravel().tolist() and data["k"] == 5
             with Image.open(folder / data["sprite"]) as sprite:
-                cols = data["cols"]
-                assert sprite.size == (cols * data["tile"], -(-len(grid) // cols) * data["tile"])
+                cols, px = data["cols"], data["tile"]
+                assert sprite.size == (cols * px, -(-len(grid) // cols) * px)
+                sheet = np.asarray(sprite.convert("RGB"), np.float32)
+            if g["icons"]:  # tile i is cell i's icon (JPEG: compared within a tolerance)
+                icons = store.icons(store.find_map(m["name"]), grid)
+                for i, (x, y) in enumerate(grid.cell.tolist()):
+                    r, c = divmod(i, cols)
+                    tile = sheet[r * px:(r + 1) * px, c * px:(c + 1) * px]
+                    assert np.abs(tile - icons.read(x, y).astype(np.float32)).mean() < 6, (m["name"], x, y)
             # every member shown is a member of its cell, best aligned first, with a patch
             members = [[m_ for m_ in cell] for cell in data["members"]]
             assert all(len(cell) == min(9, n) for cell, n in zip(members, grid.count))
@@ -90,6 +97,8 @@ def test_the_viewer_folder_holds_page_data_sprites_and_patches(viewer_run):
 def test_the_view_is_skipped_when_up_to_date_and_rebuilt_when_an_input_changes(viewer_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(viewer_run, run)
+    assert main(["view", str(run)]) == 0  # a copy names another run: rebuilt once
+    capsys.readouterr()
     assert main(["view", str(run)]) == 0
     assert "view: up to date, skipped" in capsys.readouterr().out
     assert main(["view", str(run), "--set", "mosaic.preview_members=3"]) == 0
@@ -97,6 +106,22 @@ def test_the_view_is_skipped_when_up_to_date_and_rebuilt_when_an_input_changes(v
     (run / "viewer" / "viewer.js").write_text("broken")  # the page's own files are part of it
     assert main(["view", str(run), "--force"]) == 0
     assert (run / "viewer" / "viewer.js").read_bytes() == (Path(view.__file__).parent / "viewer" / "viewer.js").read_bytes()
+
+
+def test_a_moved_run_is_rebuilt_and_icons_of_sizes_not_rendered_are_ignored(viewer_run, tmp_path, capsys):
+    from atlas.config import save_config
+
+    run = tmp_path / "moved run"
+    shutil.copytree(viewer_run, run)
+    save_config(load_config(run))
+    assert main(["view", str(run)]) == 0  # the page names the run: a new place rebuilds it
+    info = read_script(run / "viewer" / "data" / "run.js", "ATLAS.run")
+    assert info["inspect"] == f"atlas inspect '{run}'" and "view: 9 grid(s)" in capsys.readouterr().out
+    # an old icons folder of a size render no longer makes (here made for another grid) is ignored
+    shutil.copytree(run / "features" / "icons-2", run / "features" / "icons-4")
+    assert main(["view", str(run), "--force"]) == 0
+    info = read_script(run / "viewer" / "data" / "run.js", "ATLAS.run")
+    assert [g["icons"] for g in info["maps"][0]["grids"]] == [True, True, False]
 
 
 def test_a_stale_grid_is_refused_and_nothing_is_half_written(viewer_run, tmp_path, capsys):
@@ -138,3 +163,9 @@ def test_serve_needs_a_built_viewer(tmp_path, capsys):
     save_config(load_config(tmp_path / "run.toml"))
     with pytest.raises(Exception, match="has no viewer yet; run `atlas view"):
         view.serve(tmp_path / "run", 0)
+
+
+def test_a_port_out_of_range_is_a_usage_error(viewer_run, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["view", str(viewer_run), "--serve", "--port", "70000"])
+    assert exit_.value.code == 2 and "70000 is not a port number (0-65535)" in capsys.readouterr().err

@@ -45,6 +45,7 @@
   const pending = new Map();  // key -> callbacks waiting for its script
   const pictures = new Map();  // url -> {img, state: "loading" | "ok" | "failed", waiters}
   const panes = [];
+  let classLabels = null;  // run.classes as shown, duplicates told apart by index (className)
   let hover = null;  // {pane, grid, i}: the cell under the pointer
   let pointerAt = null;  // {pane, x, y}: where the pointer last hovered a pane, in client pixels
   let needsDraw = false, frames = 0, firstPaint = null;
@@ -81,9 +82,18 @@
     return bytes;
   }
 
+  // A class's name as shown and typed; a name two classes share (ImageNet's two "crane"s, two
+  // "maillot"s) carries its index, "crane (#517)", so each can be told apart and chosen.
   function className(c) {
     if (c < 0) return "unlabelled";
-    return run.classes && run.classes[c] != null ? String(run.classes[c]) : "#" + c;
+    return classLabels && classLabels[c] != null ? classLabels[c] : "#" + c;
+  }
+
+  function labelClasses(names) {
+    if (!Array.isArray(names)) return null;
+    const seen = new Map();
+    for (const n of names) seen.set(String(n), (seen.get(String(n)) || 0) + 1);
+    return names.map((n, i) => seen.get(String(n)) > 1 ? String(n) + " (#" + i + ")" : String(n));
   }
 
   function imageName(i) {
@@ -102,6 +112,7 @@
 
   function receiveRun(info) {
     run = info || {};
+    classLabels = labelClasses(run.classes);
     if (!Array.isArray(run.maps)) run.maps = [];
     for (const map of run.maps) {
       map.grids = (Array.isArray(map.grids) ? map.grids : []).filter((g) => g && g.size >= 1);
@@ -266,14 +277,16 @@
 
   function resolveClass(text) {
     if (!text) return -1;
-    const names = run.classes;
-    if (Array.isArray(names)) {
+    const n = Array.isArray(run.classes) ? run.classes.length : Infinity;
+    const indexed = /(?:^|\(|\s)#(\d+)\)?\s*$/.exec(text.trim()) || /^(\d+)$/.exec(text.trim());
+    if (indexed && +indexed[1] < n) return +indexed[1];  // "#517", "crane (#517)", or a bare index
+    for (const names of [classLabels, run.classes]) {
+      if (!Array.isArray(names)) continue;
       let i = names.indexOf(text);
-      if (i < 0) { const low = text.toLowerCase(); i = names.findIndex((n) => String(n).toLowerCase() === low); }
+      if (i < 0) { const low = text.toLowerCase(); i = names.findIndex((c) => String(c).toLowerCase() === low); }
       if (i >= 0) return i;
     }
-    const m = /^#?(\d+)$/.exec(text.trim());  // without names, classes are typed by index
-    return m ? +m[1] : -1;
+    return -1;
   }
 
   // Each cell's attribution to the filter class over the largest magnitude in the grid: [-1, 1].
@@ -787,7 +800,7 @@
   // 1000 <option>s cost a few ms: built after the first paint.
   function fillClassList() {
     const names = run.classes;
-    if (Array.isArray(names)) byId("class-list").replaceChildren(...names.map((n) => new Option(String(n))));
+    if (Array.isArray(names)) byId("class-list").replaceChildren(...classLabels.map((n) => new Option(n)));
     else byId("class").placeholder = "class index, e.g. #12";
   }
 
