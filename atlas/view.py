@@ -44,7 +44,7 @@ from .preview import member_cosine, pick_members, preview_tiles
 from .store import Activations, Grid, GridFile, IconSet, Run
 from .store import fingerprints as fp
 
-VIEWER_VERSION = 1  # bump when the data written here changes shape
+VIEWER_VERSION = 2  # bump when the data written here changes shape
 ASSETS = ("index.html", "viewer.js", "viewer.css")  # the page, shipped as package data in atlas/viewer/
 MEMBERS = 9  # members shown per cell (as `atlas inspect`)
 PATCH_PX = 64  # side of a member patch in the sheets
@@ -301,11 +301,17 @@ def _write_grid(folder: Path, acts: Activations, sheet: _Sheet, tiles: Sequence[
         "label_mix": [[[c, n] for c, _, n in label_mix(labels[images[a:b]], None)]
                       for a, b in zip(images_indptr[:-1], images_indptr[1:])],
         "cosine": [e.get("cosine") for e in entries], "member_cosine": [e.get("member_cosine") for e in entries],
-        "members": shown, "images": b64(images.astype(dtype)), "images_indptr": images_indptr.tolist(),
+        "members": shown, "paths": _member_paths(acts, shown), "images": b64(images.astype(dtype)), "images_indptr": images_indptr.tolist(),
         "images_dtype": np.dtype(dtype).name, "attr": b64(attr) if attr is not None else None,
         "attr_scale": [float(f"{v:.4g}") for v in scale] if scale is not None else None, "n_classes": int(grid.attr.shape[1]) if grid.attr is not None else 0,
     }
     _write_script(folder / "data" / f"{sheet.key}.js", "ATLAS.grid", data)
+
+
+def _member_paths(acts: Activations, shown: list[list[list[Any]]]) -> dict[str, str]:
+    """{image index: path} of the members shown: run.js holds no list of every image, which
+    would grow with the corpus and load before the first paint."""
+    return {str(i): str(acts.images.path[i]) for i in sorted({member[0] for cell in shown for member in cell})}
 
 
 def _write_run(folder: Path, store: Run, acts: Activations, grid_file: GridFile, sheets: Sequence[_Sheet]) -> None:
@@ -317,8 +323,7 @@ def _write_run(folder: Path, store: Run, acts: Activations, grid_file: GridFile,
         maps.append({"name": spec.name, "layer": spec.layer, "kind": spec.kind, "title": spec.title,
                      "class_names": list(spec.class_names), "grids": grids})
     data = {"version": VIEWER_VERSION, "title": store.root.name, "model": store.config.model,
-            "classes": grid_file.class_names, "images": [str(p) for p in acts.images.path],
-            "labels": acts.images.label.tolist(), "maps": maps,
+            "classes": grid_file.class_names, "n_images": len(acts.images), "maps": maps,
             "patch": {"tile": PATCH_PX, "cols": PATCH_COLS, "per_sheet": PATCH_COLS * PATCH_COLS},
             "inspect": f"atlas inspect {shlex.quote(str(store.root))}"}
     _write_script(folder / "data" / "run.js", "ATLAS.run", data)

@@ -52,7 +52,7 @@ def test_the_viewer_folder_holds_page_data_sprites_and_patches(viewer_run):
     info = read_script(folder / "data" / "run.js", "ATLAS.run")
     names = [m["name"] for m in info["maps"]]
     assert names == ["features", "deep", "deep/class-goldfish"]
-    assert info["classes"][1] == "goldfish" and len(info["images"]) == 12 and len(info["labels"]) == 12
+    assert info["classes"][1] == "goldfish" and info["n_images"] == 12 and "images" not in info
     store = Run.open(viewer_run)
     for m in info["maps"]:
         assert [g["size"] for g in m["grids"]] == [2, 3, 4]
@@ -77,6 +77,8 @@ def test_the_viewer_folder_holds_page_data_sprites_and_patches(viewer_run):
             assert all(len(cell) == min(9, n) for cell, n in zip(members, grid.count))
             assert all([c for _, _, c in cell] == sorted([c for _, _, c in cell], reverse=True) for cell in members)
             assert all(p >= 0 for cell in members for _, p, _ in cell)
+            with store.activations() as acts:  # each shown member's image path comes with the grid
+                assert data["paths"] == {str(i): acts.images.path[i] for i in {m_[0] for cell in members for m_ in cell}}
             # distinct images per cell as CSR of little-endian uint16
             images = np.frombuffer(base64.b64decode(data["images"]), "<u2")
             with store.activations() as acts:

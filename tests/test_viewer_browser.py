@@ -8,6 +8,7 @@ ATLAS_REQUIRE_BROWSER=1, which turns that skip into a failure.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,10 @@ def test_click_opens_the_panel_with_nine_patches_and_the_inspect_command(page, v
     panel = page.locator("#panel")
     panel.wait_for(state="visible")
     assert page.locator("#panel-members .member").count() == min(9, int(g.count[i]))
+    with store.activations() as acts:  # every member is named by its image file
+        files = {Path(p).name for p in acts.images.path[acts.layer("features").image[g.members(i)]]}
+    names = page.locator("#panel-members .member-name").all_inner_texts()
+    assert len(names) == min(9, int(g.count[i])) and set(names) <= files
     command = page.locator("#panel-command").inner_text()
     assert command == f"atlas inspect {store.root} --layer features --grid 4 --cell {x} {y}"
     assert state(page)["cell"] == [x, y]

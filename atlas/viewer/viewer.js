@@ -96,9 +96,17 @@
     return names.map((n, i) => seen.get(String(n)) > 1 ? String(n) + " (#" + i + ")" : String(n));
   }
 
-  function imageName(i) {
-    const path = run.images && run.images[i];
-    return path == null ? "image " + i : String(path).split(/[\\/]/).pop();
+  // An image's path: members' paths come with their grid (a run of a million images would not
+  // fit them all in run.js); run.images is read where an older viewer folder has it.
+  function imagePath(grid, i) {
+    const paths = grid && grid.raw && grid.raw.paths;
+    const path = paths && paths[i] != null ? paths[i] : run.images && run.images[i];
+    return path == null ? null : String(path);
+  }
+
+  function imageName(grid, i) {
+    const path = imagePath(grid, i);
+    return path == null ? "image " + i : path.split(/[\\/]/).pop();
   }
 
   // Shell-quotes a word only when it needs it, so plain map names read as the contract shows them.
@@ -118,7 +126,7 @@
       map.grids = (Array.isArray(map.grids) ? map.grids : []).filter((g) => g && g.size >= 1);
       map.grids.sort((a, b) => a.size - b.size);
     }
-    imageMarks = new Uint8Array(Array.isArray(run.images) ? run.images.length : 0);
+    imageMarks = new Uint8Array(run.n_images || (Array.isArray(run.images) ? run.images.length : 0));
     if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
     else start();
   }
@@ -672,7 +680,7 @@
     whenImage(grid.sprite, () => drawTile(icon.getContext("2d"), grid, i, 0, 0, icon.width, icon.height));
     byId("panel-facts").replaceChildren(...cellFacts(grid, i, false));
     const members = (grid.raw.members && grid.raw.members[i]) || [];
-    byId("panel-members").replaceChildren(...members.map(memberFigure));
+    byId("panel-members").replaceChildren(...members.map((member) => memberFigure(grid, member)));
     if (!members.length) byId("panel-members").append(el("p", "facts-none", "no members"));
     const command = (run.inspect || "atlas inspect RUN") + " --layer " + shellWord(map.name) +
       " --grid " + grid.size + " --cell " + x + " " + y;
@@ -680,7 +688,7 @@
   }
 
   // One member: its receptive-field patch (a grey box when its image could not be read), name, cosine.
-  function memberFigure([image, patch, cos]) {
+  function memberFigure(grid, [image, patch, cos]) {
     const spec = run.patch || {}, tile = spec.tile || 64, cols = spec.cols || 16, per = spec.per_sheet || 256;
     const figure = el("figure", "member"), canvas = el("canvas", "patch"), caption = el("figcaption");
     canvas.width = canvas.height = tile;
@@ -694,8 +702,8 @@
         ctx.drawImage(entry.img, (slot % cols) * tile, Math.floor(slot / cols) * tile, tile, tile, 0, 0, tile, tile);
       });
     } else canvas.title = "the image could not be read";
-    caption.append(el("span", "member-name", imageName(image)), el("span", "member-cos", "cos " + num(cos, 3)));
-    figure.title = run.images && run.images[image] != null ? String(run.images[image]) : "";
+    caption.append(el("span", "member-name", imageName(grid, image)), el("span", "member-cos", "cos " + num(cos, 3)));
+    figure.title = imagePath(grid, image) || "";
     figure.append(canvas, caption);
     return figure;
   }
