@@ -59,15 +59,21 @@ def pick_members(indptr: np.ndarray, index: np.ndarray, score: np.ndarray, m: in
     Returns:
         (indptr, index) of the kept members as CSR, best first within each cell.
     """
+    new_indptr, keep = rank_members(indptr, score, m)
+    return new_indptr, np.asarray(index, np.int64)[keep]
+
+
+def rank_members(indptr: np.ndarray, score: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pick_members` as positions: (indptr of the kept members, their (k,) positions in the
+    cells' member list), best first within each cell, so their scores are `score[positions]`."""
     indptr = np.asarray(indptr, np.int64)
     counts = np.diff(indptr)
     cell_of = np.repeat(np.arange(len(counts)), counts)
-    order = np.lexsort((np.arange(len(index)), -np.asarray(score, np.float64), cell_of))
-    rank = np.arange(len(index)) - indptr[cell_of[order]]
-    keep = order[rank < m]
+    order = np.lexsort((np.arange(len(score)), -np.asarray(score, np.float64), cell_of))
+    rank = np.arange(len(score)) - indptr[cell_of[order]]
     new_indptr = np.zeros_like(indptr)
     np.cumsum(np.minimum(counts, m), out=new_indptr[1:])
-    return new_indptr, np.asarray(index, np.int64)[keep]
+    return new_indptr, order[rank < m]
 
 
 def member_cosine(acts: Any, grid: Grid) -> np.ndarray:

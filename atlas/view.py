@@ -40,7 +40,7 @@ from .config import Config
 from .errors import AtlasError
 from .focus import MapSpec
 from .inspect import label_mix, sample_patches
-from .preview import member_cosine, pick_members, preview_tiles
+from .preview import member_cosine, preview_tiles, rank_members
 from .store import Activations, Grid, GridFile, IconSet, Run
 from .store import fingerprints as fp
 
@@ -235,9 +235,8 @@ def _members(acts: Activations, sheet: _Sheet) -> tuple[np.ndarray, np.ndarray, 
     """The MEMBERS members of each cell most aligned with its direction: CSR (indptr, rows, cosines)."""
     grid = sheet.grid
     cosine = member_cosine(acts.layer(sheet.spec.layer).acts, grid)
-    indptr, rows = pick_members(grid.indptr, grid.index, cosine, MEMBERS)
-    position = {int(r): k for k, r in enumerate(grid.index)}  # members are distinct within a grid
-    return indptr, rows, cosine[[position[int(r)] for r in rows]] if len(rows) else np.zeros(0, np.float32)
+    indptr, kept = rank_members(grid.indptr, cosine, MEMBERS)
+    return indptr, grid.index[kept], cosine[kept]
 
 
 def _write_patches(store: Run, acts: Activations, sheets: Sequence[_Sheet],
