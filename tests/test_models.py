@@ -307,3 +307,16 @@ def test_factory_errors(factories):
         load_model("no_such_package_xyz.models:make")
     with pytest.raises(AtlasError, match="fails on a"):
         load_model(f"{factories}:tiny", preprocess={"size": 1, "resize": 1})
+
+
+def test_random_weights_are_the_same_network_in_every_load_and_leave_the_rng_alone():
+    """weights = "none": collect and render load the model in separate processes, so the random
+    initialisation must not depend on the global random state (nor change it)."""
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_model("resnet18", "none").module.state_dict()
+    assert torch.equal(torch.rand(1), before)  # the caller's random stream is untouched
+    torch.manual_seed(999)
+    second = load_model("resnet18", "none").module.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

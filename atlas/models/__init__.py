@@ -7,7 +7,7 @@
 
 from .classes import ClassNames, imagenet_classes
 from .efficientnet_lite import EfficientNetLite, TFSamePad2d, efficientnet_lite0
-from .zoo import LoadedModel, Preprocess, list_models, load_model
+from .zoo import LoadedModel, Preprocess, fixed_input_size, list_models, load_model
 
 __all__ = [
     "ClassNames",
@@ -16,6 +16,7 @@ __all__ = [
     "Preprocess",
     "TFSamePad2d",
     "efficientnet_lite0",
+    "fixed_input_size",
     "imagenet_classes",
     "list_models",
     "load_model",

@@ -133,6 +133,25 @@ class LoadedModel:
         return (3, self.preprocess.size, self.preprocess.size)
 
 
+def fixed_input_size(module: nn.Module) -> int | None:
+    """The one input side a model accepts, or None when it takes any size.
+
+    Vision transformers with learned position embeddings for one patch grid take one size:
+    torchvision's VisionTransformer (`image_size`) and timm's models whose `patch_embed` checks
+    it (`img_size` with `strict_img_size`, the default there).
+    """
+    size = getattr(module, "image_size", None)
+    if isinstance(size, int) and hasattr(module, "patch_size"):
+        return size
+    embed = getattr(module, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is not None and getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_size", False):
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return None
+
+
+RANDOM_INIT_SEED = 0  # weights = "none": every process builds the same random network
+
 # EfficientNet-Lite0 was trained on (x*255 - 127) / 128. Resize 256 + centre crop 224 bilinear
 # scored best of the variants measured on the 500-image ImageNet sample (see README).
 LITE0_PREPROCESS = Preprocess(size=224, resize=256, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
@@ -153,7 +172,8 @@ def load_model(name: str, weights: str = "DEFAULT", preprocess: Mapping[str, Any
         weights: "DEFAULT" (pretrained, or the factory's own), "none" (random init), a path to a
             state-dict file, or a torchvision weight-set name such as "IMAGENET1K_V1".
         preprocess: overrides of the model's default `Preprocess` fields (size, resize, mean, std,
-            interpolation); a factory's defaults are ImageNet's.
+            interpolation); a factory's defaults are ImageNet's (at the one input size it
+            takes, if it declares one: see `fixed_input_size`).
 
     Raises:
         AtlasError: unknown model, unreadable or mismatched weights, bad preprocess values.
@@ -163,8 +183,27 @@ def load_model(name: str, weights: str = "DEFAULT", preprocess: Mapping[str, Any
     if not isinstance(weights, str) or not weights.strip():
         raise AtlasError(f"weights must be \"DEFAULT\", \"none\" or a file path, got {weights!r}")
     key = name.strip()
+    # Random initialisation is seeded: weights = "none" must give the same network in every
+    # process (collect and render run apart), and the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        module, base = _load_module(key, name, weights)
+    pre = _override(base, preprocess)
+    module.eval()
+    module.requires_grad_(False)
     if ":" in key:
-        module, base = _load_factory(key, weights), Preprocess()
+        classes = _factory_classes(module, pre, key)
+    else:
+        classes = imagenet_classes()  # efficientnet_lite0 and every torchvision classifier: ImageNet-1k
+    return LoadedModel(name=name, weights=weights, module=module, preprocess=pre, classes=classes)
+
+
+def _load_module(key: str, name: str, weights: str) -> tuple[nn.Module, Preprocess]:
+    """The module and its default preprocessing, for `load_model`."""
+    if ":" in key:
+        module = _load_factory(key, weights)
+        fixed = fixed_input_size(module)  # a ViT declares the one size it takes
+        base = Preprocess(size=fixed, resize=max(fixed, round(fixed / 0.875))) if fixed else Preprocess()
     elif key.lower() == OFFLINE_DEFAULT:
         module, base = _load_lite0(weights), LITE0_PREPROCESS
     elif key.lower() in _torchvision_names():
@@ -174,14 +213,7 @@ def load_model(name: str, weights: str = "DEFAULT", preprocess: Mapping[str, Any
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise AtlasError(f"unknown model {name!r}; {hint}use {OFFLINE_DEFAULT} (offline default), a torchvision "
                          "classifier name (resnet50, googlenet, ...) or 'package.module:factory'")
-    pre = _override(base, preprocess)
-    module.eval()
-    module.requires_grad_(False)
-    if ":" in key:
-        classes = _factory_classes(module, pre, key)
-    else:
-        classes = imagenet_classes()  # efficientnet_lite0 and every torchvision classifier: ImageNet-1k
-    return LoadedModel(name=name, weights=weights, module=module, preprocess=pre, classes=classes)
+    return module, base
 
 
 def _override(base: Preprocess, overrides: Mapping[str, Any] | None) -> Preprocess:
