@@ -11,6 +11,8 @@ Runs and stages (files in a run directory; see README for their format):
 
 In-memory cores (arrays in, arrays out, no files):
     load_model(name, weights)           efficientnet_lite0, torchvision names, package.module:factory
+    resolve_maps(model, shapes, layers) -> {layer: LayerMap}: how outputs read as (C, H, W) maps
+                                        (channels first, channels last, ViT tokens)
     collect_activations(model, images, layers, ...)   -> Samples (acts, image, yx, attr, pred)
     layout_2d(acts, ...)                -> (xy in [0, 1], info)
     bin_grid(xy, acts, attr, size, ...) -> Grid (cells, counts, directions, members, top classes)
@@ -38,6 +40,7 @@ _EXPORTS = {
     "run_grid": "atlas.pipeline", "run_render": "atlas.pipeline", "run_mosaic": "atlas.pipeline",
     "run_view": "atlas.pipeline",
     "load_model": "atlas.models", "LoadedModel": "atlas.models", "Preprocess": "atlas.models",
+    "LayerMap": "atlas.layer_maps", "resolve_maps": "atlas.layer_maps",
     "collect_activations": "atlas.collect", "Samples": "atlas.collect",
     "layout_2d": "atlas.layout",
     "bin_grid": "atlas.grid", "bin_grids": "atlas.grid",

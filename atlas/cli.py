@@ -164,20 +164,29 @@ def _version() -> str:
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
+    from .layer_maps import choose_map, model_token_hints
     from .layers import layer_shapes
-    from .models import load_model
+    from .models import fixed_input_size, load_model
 
     model = load_model(args.model, args.weights)
     shapes = layer_shapes(model.module, model.input_shape)
     modules = dict(model.module.named_modules())
+    hints = model_token_hints(model.module)
     width = max((len(name) for name in modules if name), default=10)
-    print(f"{args.model}: input {tuple(model.input_shape)}; {len(modules) - 1} layers")
+    fixed = fixed_input_size(model.module)
+    print(f"{args.model}: input {tuple(model.input_shape)}{' (the only size it takes)' if fixed else ''}; "
+          f"{len(modules) - 1} layers; map: how collect reads each output as (C, H, W) (collect.layout overrides)")
     for name, module in modules.items():
         if not name:
             continue
         shape = shapes.get(name)
         shown = str(tuple(shape)) if shape is not None else "(not called by forward)"
-        print(f"{name:<{width}}  {shown:<18}  {type(module).__name__}")
+        try:
+            layer_map = choose_map(name, shape, hints=hints)
+            as_map = f"{layer_map.describe()} -> {layer_map.map_shape(shape)}"
+        except AtlasError:
+            as_map = "-"
+        print(f"{name:<{width}}  {shown:<18}  {type(module).__name__:<24}  {as_map}")
 
 
 def cmd_stage(args: argparse.Namespace) -> None:

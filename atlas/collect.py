@@ -18,7 +18,8 @@ from __future__ import annotations
 import collections
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from .artifacts import atomic_path, prepare_work_dir, to_jsonable
 from .config import Config
 from .corpus import ImageRecord, find_images, iter_batches
 from .errors import AtlasError
-from .layers import LayerTap, layer_shapes
+from .layer_maps import maps_to_json
+from .layers import LayerTap, map_shapes
 from .models import LoadedModel, Preprocess, load_model
 from .runtime import keep_freed_memory, pick_device
 from .store import Run
@@ -143,6 +145,7 @@ def collect_activations(model: nn.Module | LoadedModel, images: torch.Tensor | S
                         layers: Sequence[str], *, samples_per_image: int | str = 16, border: int = 1,
                         attribution: bool = True, attribution_batch: int = 256, predict: bool = True, seed: int = 0,
                         batch_size: int = 32, dtype: str = "float32", preprocess: Preprocess | None = None,
+                        layout: str | Mapping[str, str] = "auto", prefix_tokens: int | str = "auto",
                         device: str | torch.device = "cpu") -> Samples:
     """Samples the activations of some images at some layers, in memory (no files).
 
@@ -152,7 +155,8 @@ def collect_activations(model: nn.Module | LoadedModel, images: torch.Tensor | S
         model: an `nn.Module` (taking normalised inputs) or a `LoadedModel` (`atlas.load_model`).
         images: (B, 3, H, W) float network inputs, or PIL images (preprocessed with `preprocess`,
             default the LoadedModel's).
-        layers: dotted layer names with (C, H, W) outputs (`atlas layers MODEL` lists them).
+        layers: dotted layer names whose outputs are (C, H, W) maps, channels-last (H, W, C) maps
+            or (tokens, C) patch tokens (`atlas layers MODEL` lists them with their layouts).
         samples_per_image: random positions per image and layer, or "all"; default 16.
         border: positions closer than this to the map's edge are not sampled; default 1.
         attribution: also compute each sample's attribution to every class (needs the logits);
@@ -163,6 +167,9 @@ def collect_activations(model: nn.Module | LoadedModel, images: torch.Tensor | S
         batch_size: images per forward pass; default 32.
         dtype: storage type of `acts`, "float32" (default) or "float16".
         preprocess: turns PIL images into inputs (default: the LoadedModel's).
+        layout: how the layers' outputs read as maps: "auto", "nchw", "nhwc", "tokens", or a
+            table layer -> layout (see `atlas.layer_maps.choose_map`); default "auto".
+        prefix_tokens: leading class/register tokens of token layers, or "auto"; default "auto".
         device: where the model runs; default "cpu". The model is moved there.
 
     Returns:
@@ -177,9 +184,9 @@ def collect_activations(model: nn.Module | LoadedModel, images: torch.Tensor | S
         images = torch.stack([preprocess(image) for image in images])
     device = torch.device(device)
     module = module.to(device).to(memory_format=torch.channels_last)
-    tap = LayerTap(module, layers)
-    shapes = layer_shapes(module, tuple(images.shape[1:]), layers)
-    candidates = {layer: interior_positions(*_map_shape(shapes, layer)[1:], border) for layer in layers}
+    maps, shapes = map_shapes(module, tuple(images.shape[1:]), layers, layout, prefix_tokens)
+    tap = LayerTap(module, layers, maps=maps)
+    candidates = {layer: interior_positions(*shapes[layer][1:], border) for layer in layers}
     batches = []
     for start in range(0, len(images), batch_size):
         indices = np.arange(start, min(start + batch_size, len(images)))
@@ -192,15 +199,6 @@ def collect_activations(model: nn.Module | LoadedModel, images: torch.Tensor | S
         for layer in (layers if batches and getattr(batches[0], what) else ()):
             getattr(merged, what)[layer] = np.concatenate([getattr(b, what)[layer] for b in batches])
     return merged
-
-
-def _map_shape(shapes: dict[str, tuple[int, ...]], layer: str) -> tuple[int, int, int]:
-    """A layer's (C, H, W); AtlasError when its output is not a feature map."""
-    shape = shapes.get(layer, ())
-    if len(shape) != 3:
-        raise AtlasError(f"layer {layer!r} outputs shape {shapes.get(layer)}; collect needs a (C, H, W) "
-                         "feature map — pick a convolutional layer from `atlas layers`")
-    return tuple(shape)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- parts
@@ -297,10 +295,9 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     # Channels-last runs the (depthwise) convolutions of the front and of the attribution
     # tangents several times faster on the CPU; on the GPU it is neutral or better.
     module = model.module.to(device).to(memory_format=torch.channels_last)
-    tap = LayerTap(module, config.layers, config.model)
-    shapes = layer_shapes(module, model.input_shape, config.layers)
-    for layer in config.layers:
-        _map_shape(shapes, layer)
+    maps, shapes = map_shapes(module, model.input_shape, config.layers, c.layout, c.prefix_tokens,
+                               config.model)
+    tap = LayerTap(module, config.layers, config.model, maps)
     stats = image_stats(records)
     fp = collect_fingerprint(config, model.preprocess, records, stats)
     if not force and store.is_current(out_path, fp):
@@ -344,7 +341,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
 
     parts = _finished_parts(parts_dir, part_size, len(records))
     t_assemble = time.perf_counter()
-    summary = _assemble(store, parts, records, stats, config, model, shapes, fp)
+    summary = _assemble(store, parts, records, stats, config, model, shapes, maps_to_json(maps), fp)
     shutil.rmtree(parts_dir, ignore_errors=True)
     summary.seconds = time.perf_counter() - t_start
     summary.loop_seconds = loop_seconds
@@ -362,7 +359,8 @@ def _progress(total: int, initial: int):
 
 
 def _assemble(store: Run, parts: Sequence[Path], records: Sequence[ImageRecord], stats: np.ndarray, config: Config,
-              model: LoadedModel, shapes: dict[str, tuple[int, ...]], fp: str) -> CollectSummary:
+              model: LoadedModel, shapes: dict[str, tuple[int, ...]], layer_maps: dict[str, Any], fp: str
+              ) -> CollectSummary:
     """Streams the parts into activations.h5 (atomically) and returns the counts."""
     n = len(records)
     status = np.empty(n, dtype=object)
@@ -395,7 +393,7 @@ def _assemble(store: Run, parts: Sequence[Path], records: Sequence[ImageRecord],
             n_classes = len(model.classes)
         out.finish(pred, status.astype(str), fingerprint=fp, config=config, model=config.model,
                    weights=config.weights, seed=config.collect.seed, layers=list(config.layers),
-                   layer_shapes={k: list(v) for k, v in shapes.items()}, preprocess=to_jsonable(model.preprocess),
+                   layer_shapes={k: list(v) for k, v in shapes.items()}, layer_maps=layer_maps, preprocess=to_jsonable(model.preprocess),
                    n_classes=n_classes, package_version=__version__)
         samples = dict(out.samples)
     labels = np.array([r.label for r in records])

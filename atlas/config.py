@@ -27,6 +27,7 @@ from .config_tables import apply_overrides, dumps_toml, parse_override
 from .errors import AtlasError
 from .store.run import CONFIG as CONFIG_NAME
 
+LAYOUTS = ("nchw", "nhwc", "tokens")  # the layouts of atlas.layer_maps (importing it would import torch)
 METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")  # UMAP metrics offered
 # The fields of models.zoo.Preprocess, which checks their values once the model's defaults are
 # known; importing it here would make reading a config import torch.
@@ -141,6 +142,8 @@ class CollectConfig:
     max_image_pixels: int = 89_478_485  # larger images are skipped as decompression bombs
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    layout: str | Mapping[str, str] = "auto"  # how layer outputs read as maps: "auto", "nchw", "nhwc" (channels last), "tokens" (ViT), or a table layer = layout
+    prefix_tokens: int | str = "auto"  # class/register tokens before a token layer's patch grid (kept aside, not sampled); "auto" = as the model declares
 
     def __post_init__(self) -> None:
         _check_fields(self, "collect.", border=0, batch_size=1, workers=0, attribution_batch=1, seed=0,
@@ -151,6 +154,12 @@ class CollectConfig:
         _check(self.dtype in ("float16", "float32"),
                f"collect.dtype must be \"float16\" or \"float32\", got {self.dtype!r}")
         _check_device(self.device, "collect.device")
+        layouts = self.layout.values() if isinstance(self.layout, Mapping) else [self.layout]
+        for value in layouts:
+            _check(value in ("auto", *LAYOUTS), "collect.layout must be \"auto\", \"nchw\", \"nhwc\" or \"tokens\" "
+                   f"(or a table of layer = layout), got {value!r}")
+        _check(self.prefix_tokens == "auto" or (isinstance(self.prefix_tokens, int) and self.prefix_tokens >= 0),
+               f"collect.prefix_tokens must be \"auto\" or an integer >= 0, got {self.prefix_tokens!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .draw import TILE_PX, compose_panel, cut_patch, patch_box, square_inside
 from .errors import AtlasError, unknown_name
 from .focus import MapSpec, find_class
 from .grid import top_classes
+from .layer_maps import maps_from_json
 from .models import Preprocess
 from .receptive import ReceptiveField, box_for, receptive_field
 from .store import Activations, Grid, Run, write_image, write_json
@@ -113,7 +114,9 @@ def layer_receptive_field(store: Run, acts: Activations, layer: str, log: Callab
                           ) -> ReceptiveField | None:
     """The layer's receptive field (cached in the run), or None when the model cannot be loaded."""
     size = _crop(acts).size
-    key = {"model": store.config.model, "layer": layer, "input_size": size}
+    layer_map = maps_from_json(acts.layer_maps, [layer])[layer]
+    key = {"model": store.config.model, "layer": layer, "input_size": size,
+           **({"map": layer_map.to_json()} if layer_map.layout != "nchw" else {})}
     cached = store.receptive_field(layer, key)
     if cached is not None:
         try:
@@ -128,7 +131,7 @@ def layer_receptive_field(store: Run, acts: Activations, layer: str, log: Callab
         log(f"note: cannot load model {store.config.model!r} to measure the receptive field ({exc}); "
             "patches are two map strides wide instead")
         return None
-    rf = receptive_field(model.module, layer, size)
+    rf = receptive_field(model.module, layer, size, layer_map)
     store.write_receptive_field(layer, key, dataclasses.asdict(rf))
     return rf
 

@@ -8,15 +8,18 @@ h · ∂logit/∂h for every class at once is a forward-mode derivative of the r
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import AtlasError
+from .layer_maps import LayerMap, from_map, prefix_of, resolve_maps, to_map
 from .tangents import TangentGraph
 
 
@@ -69,6 +72,22 @@ def layer_shapes(model: nn.Module, input_shape: Sequence[int],
             handle.remove()
     order = {name: i for i, name in enumerate(layer_names(model))}
     return dict(sorted(shapes.items(), key=lambda item: order[item[0]]))
+
+
+def map_shapes(model: nn.Module, input_shape: Sequence[int], layers: Sequence[str],
+               layout: str | Mapping[str, str] = "auto", prefix: int | str = "auto", model_name: str = "MODEL"
+               ) -> tuple[dict[str, LayerMap], dict[str, tuple[int, int, int]]]:
+    """How each layer's output reads as a map (`layer_maps.resolve_maps`), and the (C, H, W) of
+    each map, for one input of `input_shape`.
+
+    Raises:
+        AtlasError: an unknown layer (naming the closest), or one line naming the shape of a
+            layer whose output is not a map.
+    """
+    check_layers(model, layers, model_name)
+    shapes = layer_shapes(model, input_shape, layers)
+    maps = resolve_maps(model, shapes, layers, layout, prefix)
+    return maps, {layer: maps[layer].map_shape(shapes[layer]) for layer in layers}
 
 
 def _compact(module: fx.GraphModule) -> fx.GraphModule:
@@ -136,11 +155,17 @@ class LayerTap:
         model: an nn.Module in eval mode (it is traced as it is; train mode is not restored).
         layers: dotted `named_modules()` paths; each must be called exactly once by forward.
         model_name: how the user named the model, for error messages.
+        maps: layer -> LayerMap, how each layer's output reads as a (C, H, W) map (`layer_maps`);
+            default channels-first for every layer. The network is cut at the map, so `run`
+            returns maps and the rest of the network is run from a map (with any prefix tokens
+            passed on as saved values).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], model_name: str = "MODEL"):
+    def __init__(self, model: nn.Module, layers: Sequence[str], model_name: str = "MODEL",
+                 maps: Mapping[str, LayerMap] | None = None):
         self.model = model
         self.layers = tuple(layers)
+        self.maps = {layer: (maps or {}).get(layer, LayerMap()) for layer in self.layers}
         check_layers(model, self.layers, model_name)
         _disable_inplace(model)
         try:
@@ -160,7 +185,9 @@ class LayerTap:
                 why = "is never called" if not calls else f"is called {len(calls)} times"
                 raise AtlasError(f"layer {layer!r} {why} by the model's forward pass; pick another layer "
                                  "from `atlas layers`")
-            self._layer_node[layer] = calls[0]
+            self._layer_node[layer] = _cut_at_map(graph, calls[0], self.maps[layer])
+        self._nodes = list(graph.nodes)
+        self._pos = {node: i for i, node in enumerate(self._nodes)}
         self.deepest = max(self.layers, key=lambda name: self._pos[self._layer_node[name]])
         self._output = next(n for n in self._nodes if n.op == "output")
         # For each layer, the earlier values the rest of the network reads besides the layer itself.
@@ -272,8 +299,43 @@ class LayerTap:
             def tangent_out(t: torch.Tensor) -> torch.Tensor:
                 return torch.func.jvp(lambda h_: rest(h_, *saved), (h,), (t,))[1]
 
-            out = torch.func.vmap(tangent_out, chunk_size=per_pass)(_position_tangents(h, yx))
+            with _forward_mode_attention():
+                out = torch.func.vmap(tangent_out, chunk_size=per_pass)(_position_tangents(h, yx))
         return out.permute(1, 0, 2).float()  # (k, B, n) -> (B, k, n)
+
+
+def _cut_at_map(graph: fx.Graph, node: fx.Node, layer_map: LayerMap) -> fx.Node:
+    """The node to cut the graph at for a layer: the layer's own node for a channels-first map,
+    else a `to_map` node after it, whose `from_map` inverse feeds everything that read the layer.
+
+    Nodes come in the order layer, prefix, map, inverse, so the prefix tokens are computed before
+    the cut and reach the rest of the network as a saved value (with no tangent)."""
+    if layer_map.layout == "nchw":
+        return node
+    users = list(node.users)
+    with graph.inserting_after(node):
+        prefix = graph.call_function(prefix_of, (node, layer_map.prefix)) \
+            if layer_map.layout == "tokens" and layer_map.prefix else None
+    with graph.inserting_after(prefix or node):
+        as_map = graph.call_function(to_map, (node, layer_map.layout, layer_map.prefix, layer_map.grid))
+    with graph.inserting_after(as_map):
+        back = graph.call_function(from_map, (as_map, prefix, layer_map.layout))
+    for user in users:
+        user.replace_input_with(node, back)
+    return as_map
+
+
+@contextlib.contextmanager
+def _forward_mode_attention() -> Iterator[None]:
+    """Attention through kernels that have forward-mode derivatives: the fused ones
+    (nn.MultiheadAttention's fast path, flash and memory-efficient attention) have none."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _position_tangents(h: torch.Tensor, yx: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,12 @@ positions not clipped at the top (or of hi not clipped at the bottom), the offse
 stride, and the size is hi - (offset + y * stride) for a position not clipped at the bottom. When
 every position is clipped at both ends (a field larger than the whole input), the measurement is
 repeated on a larger input of the same parity (so TF-'same' padding stays the same).
+
+Attention mixes every token with every other, so every position of a transformer block sees the
+whole input, at any input size. When every measured position sees the whole input and the model
+refuses larger inputs (a vision transformer's fixed size), or still does at 8x the size, the
+field is the whole image (`whole`): a patch then shows the whole input with the position's own
+stride cell outlined.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ import torch
 from torch import nn
 
 from .errors import AtlasError
+from .layer_maps import NCHW, LayerMap, to_map
 from .layers import check_layers
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                 nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Mish, nn.Softplus,
                 nn.Dropout, nn.Dropout2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm,
                 nn.InstanceNorm2d, nn.LocalResponseNorm)
+
+
+MASKED_FRACTION = 1e-30  # gradient below this fraction of a position's largest is not support
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,8 @@ class ReceptiveField:
     size_x: int
     offset_y: int
     offset_x: int
+    whole: bool = False  # every position sees the whole input (attention); size and offset then span it
+    centred: bool = False  # the field differs by position (windowed attention): the largest one, centred
 
 
 def _size2(value: int | Sequence[int]) -> tuple[int, int]:
@@ -89,8 +101,13 @@ class _Stop(Exception):
     pass
 
 
-def _layer_output(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """Runs `model` on x up to `layer` and returns that layer's output (the rest is not run)."""
+class _Irregular(Exception):
+    """The positions' supports are not one box moved by a stride."""
+
+
+def _layer_output(model: nn.Module, layer: str, x: torch.Tensor, layer_map: LayerMap) -> torch.Tensor:
+    """Runs `model` on x up to `layer` and returns that layer's output as a (B, C, H, W) map (the
+    rest is not run)."""
     module = dict(model.named_modules())[layer]
     captured: list[torch.Tensor] = []
 
@@ -105,16 +122,18 @@ def _layer_output(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor
         pass
     finally:
         handle.remove()
-    if not captured or not isinstance(captured[0], torch.Tensor) or captured[0].dim() != 4:
+    out = captured[0] if captured and isinstance(captured[0], torch.Tensor) else None
+    if out is None or out.dim() != (3 if layer_map.layout == "tokens" else 4):
         raise AtlasError(f"layer {layer!r} does not give a (C, H, W) map, so it has no receptive field")
-    return captured[0]
+    return to_map(out, layer_map.layout, layer_map.prefix, layer_map.grid)
 
 
-def _supports(model: nn.Module, layer: str, h_in: int, w_in: int) -> tuple[dict, dict, tuple[int, int]]:
+def _supports(model: nn.Module, layer: str, h_in: int, w_in: int, layer_map: LayerMap
+              ) -> tuple[dict, dict, tuple[int, int]]:
     """Row supports [lo, hi) of a few map rows and column supports of a few map columns ({position:
     span}), from one batched backward pass."""
     with torch.no_grad():
-        shape = _layer_output(model, layer, torch.ones(1, 3, h_in, w_in, dtype=torch.float64)).shape
+        shape = _layer_output(model, layer, torch.ones(1, 3, h_in, w_in, dtype=torch.float64), layer_map).shape
     _, _, hm, wm = shape
     def picks(n: int) -> list[int]:
         # consecutive pairs at both ends and in the middle: enough for stride, offset and size
@@ -129,12 +148,15 @@ def _supports(model: nn.Module, layer: str, h_in: int, w_in: int) -> tuple[dict,
     x = (0.5 + 0.5 * torch.rand(len(positions), 3, h_in, w_in, generator=gen, dtype=torch.float64))
     x.requires_grad_(True)
     with torch.enable_grad():
-        out = _layer_output(model, layer, x)
+        out = _layer_output(model, layer, x, layer_map)
         ys = torch.tensor([p[0] for p in positions])
         xs = torch.tensor([p[1] for p in positions])
         picked = out[torch.arange(len(positions)), :, ys, xs]  # (B, C)
         (grad,) = torch.autograd.grad(picked.sum(), x)
-    support = (grad.abs().sum(dim=1) > 0).numpy()  # (B, H, W)
+    grad = grad.abs().sum(dim=1)  # (B, H, W)
+    # Masked attention adds -100 to the logits it masks (Swin's shifted windows): their exp(-100)
+    # weights are no path the network uses. Real paths stay far above this fraction of the largest.
+    support = (grad > grad.flatten(1).amax(1)[:, None, None] * MASKED_FRACTION).numpy()
 
     def span(mask: np.ndarray) -> tuple[int, int]:
         idx = np.flatnonzero(mask)
@@ -167,16 +189,22 @@ def _solve(spans: dict[int, tuple[int, int]], n_map: int, n_in: int) -> tuple[in
     p, lo = free_lo[0]
     offset = lo - p * stride
     q, hi = free_hi[-1]
-    return stride, hi - (offset + q * stride), offset
+    size = hi - (offset + q * stride)
+    for p, span in spans.items():  # a field that differs by position (windows) fits no single grid
+        if (max(0, offset + p * stride), min(n_in, offset + p * stride + size)) != span:
+            raise _Irregular
+    return stride, size, offset
 
 
-def receptive_field(model: nn.Module, layer: str, input_size: int | Sequence[int]) -> ReceptiveField:
+def receptive_field(model: nn.Module, layer: str, input_size: int | Sequence[int],
+                    layer_map: LayerMap = NCHW) -> ReceptiveField:
     """Measures the receptive field of `layer`'s map positions for inputs of `input_size`.
 
     Args:
         model: the network (or a `LoadedModel`); its weights are not used or changed.
-        layer: dotted `named_modules()` path of a layer with a (C, H, W) output.
+        layer: dotted `named_modules()` path of a layer whose output reads as a map.
         input_size: side of the square input, or (H, W).
+        layer_map: how the layer's output reads as a (C, H, W) map; default channels-first.
 
     Returns:
         The ReceptiveField (strides, sizes and offsets in input pixels).
@@ -189,19 +217,47 @@ def receptive_field(model: nn.Module, layer: str, input_size: int | Sequence[int
     h_in, w_in = _size2(input_size)
     linear = positive_linear_copy(module)
     result: list[tuple[int, int, int] | None] = [None, None]
-    scale = 1
+    scale, whole = 1, False
     while True:
-        rows, cols, (hm, wm) = _supports(linear, layer, h_in * scale, w_in * scale)
-        for axis, (spans, n_map, n) in enumerate(((rows, hm, h_in * scale), (cols, wm, w_in * scale))):
-            if result[axis] is None:
-                result[axis] = _solve(spans, n_map, n)
+        try:
+            rows, cols, (hm, wm) = _supports(linear, layer, h_in * scale, w_in * scale, layer_map)
+        except AtlasError:
+            raise
+        except Exception:  # a model that takes one input size refuses the larger one
+            if scale == 1:
+                raise
+            break
+        if scale == 1:
+            map_hw, first = (hm, wm), (rows, cols)
+            whole = all(span == (0, n) for spans, n in ((rows, h_in), (cols, w_in)) for span in spans.values())
+        try:
+            for axis, (spans, n_map, n) in enumerate(((rows, hm, h_in * scale), (cols, wm, w_in * scale))):
+                if result[axis] is None:
+                    result[axis] = _solve(spans, n_map, n)
+        except _Irregular:
+            return _centred(first, map_hw, (h_in, w_in))
         if all(r is not None for r in result) or scale >= 8:
             break
         scale *= 2  # same parity as input_size, so TF-'same' padding is unchanged
     if any(r is None for r in result):
+        if whole:  # every position saw the whole input at every size tried
+            sy, sx = h_in // map_hw[0], w_in // map_hw[1]
+            return ReceptiveField(sy, sx, h_in, w_in, 0, 0, whole=True)
         raise AtlasError(f"cannot measure the receptive field of layer {layer!r} (even on {scale}x larger inputs)")
     (sy, zy, oy), (sx, zx, ox) = result  # type: ignore[misc]
     return ReceptiveField(sy, sx, zy, zx, oy, ox)
+
+
+def _centred(spans: tuple[dict, dict], map_hw: tuple[int, int], input_hw: tuple[int, int]) -> ReceptiveField:
+    """A field for positions that see different boxes: the largest measured extent, centred on
+    each position's stride cell."""
+    values = []
+    for axis_spans, n_map, n_in in zip(spans, map_hw, input_hw):
+        stride = n_in // n_map
+        size = max(hi - lo for lo, hi in axis_spans.values())
+        values.append((stride, size, int(round(stride / 2 - size / 2))))
+    (sy, zy, oy), (sx, zx, ox) = values
+    return ReceptiveField(sy, sx, zy, zx, oy, ox, centred=True)
 
 
 def box_for(rf: ReceptiveField, yx: np.ndarray, input_size: int | Sequence[int], clip: bool = True) -> np.ndarray:
@@ -218,6 +274,8 @@ def box_for(rf: ReceptiveField, yx: np.ndarray, input_size: int | Sequence[int],
     """
     h_in, w_in = _size2(input_size)
     yx = np.asarray(yx, dtype=np.int64).reshape(-1, 2)
+    if rf.whole:
+        return np.tile(np.array([0, 0, w_in, h_in], np.int64), (len(yx), 1))
     top = rf.offset_y + yx[:, 0] * rf.stride_y
     left = rf.offset_x + yx[:, 1] * rf.stride_x
     box = np.stack([left, top, left + rf.size_x, top + rf.size_y], axis=1)

@@ -45,7 +45,9 @@ from .config import Config, RenderConfig
 from .errors import AtlasError
 from .focus import MapSpec
 from .grid import cosine_to_direction
-from .models import LoadedModel, load_model
+from .layer_maps import LayerMap, maps_from_json
+from .layers import map_shapes
+from .models import LoadedModel, fixed_input_size, load_model
 from .runtime import keep_freed_memory, pick_device
 from .store import Grid, Run, icon_file
 from .store.fingerprints import icons_fingerprint
@@ -85,7 +87,7 @@ class IconBatch:
 
 def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
                  seeds: Sequence[int], *, icon_size: int, steps: int, lr: float, cos_power: float, decorrelate: bool,
-                 pad: int, jitter: int, scale: float, rotate: float,
+                 pad: int, jitter: int, scale: float, rotate: float, input_size: int | None = None,
                  on_step: Callable[[int], None] | None = None) -> IconBatch:
     """Optimises one batch of icons together and measures them.
 
@@ -95,14 +97,15 @@ def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, refer
         vectors: (b, C) float32 objective directions (the cells' directions, or whitened ones).
         reference: (b, C) float32 directions the reported cosine is measured against.
         seeds: b seeds, one generator each (see `icon_seed`).
-        icon_size, steps, lr, cos_power, decorrelate, pad, jitter, scale, rotate: see `render_icons`.
+        icon_size, steps, lr, cos_power, decorrelate, pad, jitter, scale, rotate, input_size: see
+            `render_icons`.
         on_step: called with the step number after each step.
 
     Returns:
         The 8-bit icons, with their objective and cosine measured on exactly those pixels.
     """
     settings = dict(icon_size=icon_size, steps=steps, lr=lr, cos_power=cos_power, decorrelate=decorrelate, pad=pad,
-                    jitter=jitter, scale=scale, rotate=rotate)
+                    jitter=jitter, scale=scale, rotate=rotate, input_size=input_size)
     if len(seeds) == 1:
         # oneDNN runs a batch of one through other convolution kernels than any larger batch
         # (whose results per image are identical whatever the batch), and 256 Adam steps through
@@ -117,25 +120,39 @@ def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, refer
 def optimize_icons(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
                    seeds: Sequence[int], on_step: Callable[[int], None] | None, *, icon_size: int, steps: int,
                    lr: float, cos_power: float, decorrelate: bool, pad: int, jitter: int, scale: float,
-                   rotate: float) -> IconBatch:
+                   rotate: float, input_size: int | None = None) -> IconBatch:
     """`render_batch` without its care for lone icons: a batch of one may round differently
     from the same icon in a larger batch."""
+    size = input_size or icon_size
     generators = optvis.make_generators(seeds)
     if decorrelate:
-        image = optvis.fourier_image(icon_size, generators, device=network.device)
+        image = optvis.fourier_image(size, generators, device=network.device)
     else:
-        image = optvis.pixel_image(icon_size, generators, device=network.device)
+        image = optvis.pixel_image(size, generators, device=network.device)
     objective = icon_objective(layer, vectors, cos_power)
     vis = optvis.optimize(network, objective, image, generators=generators,
-                          transform=icon_transform(icon_size, pad, jitter, scale, rotate), steps=steps, lr=lr,
+                          transform=icon_transform(size, pad, jitter, scale, rotate), steps=steps, lr=lr,
                           on_step=on_step)
     pixels = (vis.images * 255).round().clamp(0, 255).to(torch.uint8)
     acts = optvis.evaluate(network, pixels.float() / 255)
     centre = optvis.at_position(acts[layer]).float()
     reference_t = torch.as_tensor(reference, dtype=torch.float32, device=centre.device)
+    if size != icon_size:
+        top, left = centre_window(size, tuple(acts[layer].shape[-2:]), icon_size)
+        pixels = pixels[:, :, top:top + icon_size, left:left + icon_size]
     return IconBatch(pixels.permute(0, 2, 3, 1).cpu().numpy(),
                      objective(acts).float().cpu().numpy(),
                      optvis.cosine_at(centre, reference_t).cpu().numpy())
+
+
+def centre_window(input_size: int, map_hw: tuple[int, int], icon_size: int) -> tuple[int, int]:
+    """(top, left) of the icon_size square of an input_size image centred on the map's centre
+    position (the one the objective reads), kept inside the image."""
+    corner = []
+    for n in map_hw:
+        centre = (n // 2 + 0.5) * input_size / n
+        corner.append(int(np.clip(round(centre - icon_size / 2), 0, input_size - icon_size)))
+    return corner[0], corner[1]
 
 
 def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndarray, *,
@@ -143,17 +160,20 @@ def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndar
                  icon_size: int = 64, steps: int = 256, lr: float = 0.05, cos_power: float = 3.0,
                  decorrelate: bool = True, pad: int = 4, jitter: int = 4, scale: float = 0.1, rotate: float = 5.0,
                  batch_size: int = 32, normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 input_size: int | None = None, layer_map: LayerMap | None = None,
                  device: str | torch.device = "cpu") -> IconBatch:
     """Renders an atlas icon for each direction, in memory (no files).
 
     Each icon maximises dot(h, v) * max(0.1, cos(h, v))^cos_power at the centre of `layer`'s map
     for an icon-sized input, with v its direction, from a Fourier-parameterised image through
-    random pad, jitter, scale and rotation, by Adam.
+    random pad, jitter, scale and rotation, by Adam. A model that takes one input size (a vision
+    transformer) is optimised at that size, and the icon is the icon_size square around the
+    centre position.
 
     Args:
         model: an `nn.Module` (taking normalised inputs) or a `LoadedModel` (its preprocessing's
             normalisation is used).
-        layer: a dotted layer name with a (C, H, W) output.
+        layer: a dotted layer name whose output reads as a map (see `layer_map`).
         directions: (m, C) float directions, e.g. a Grid's `direction`.
         reference: (m, C) directions the reported cosine is measured against; default `directions`.
         seeds: m seeds, one per icon; default `icon_seed(seed, 0, i, 0, 0)` for icon i.
@@ -168,10 +188,14 @@ def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndar
         rotate: random rotation in degrees drawn from [-rotate, rotate]; default 5.
         batch_size: icons optimised together; default 32.
         normalise: [0, 1] pixels -> model input; default the LoadedModel's, else identity.
+        input_size: side of the optimised image; default `models.fixed_input_size(model)` for a
+            model that takes one size, else icon_size.
+        layer_map: how the layer's output reads as a map (`atlas.layer_maps`); default resolved
+            from its shape ("auto").
         device: where the model runs; default "cpu". The model is moved there.
 
     Returns:
-        IconBatch: `images` (m, S, S, 3) uint8, `objective` (m,) and `cosine` (m,) float32.
+        IconBatch: `images` (m, S, S, 3) uint8 (S = icon_size), `objective` (m,) and `cosine` (m,) float32.
     """
     if isinstance(model, LoadedModel):
         normalise = normalise or model.preprocess.normalise
@@ -180,9 +204,12 @@ def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndar
     reference = directions if reference is None else np.asarray(reference, np.float32)
     seeds = list(seeds) if seeds is not None else [icon_seed(seed, 0, i, 0, 0) for i in range(len(directions))]
     module = model.to(torch.device(device)).to(memory_format=torch.channels_last)
-    network = optvis.Network(module, [layer], normalise=normalise, channels_last=True)
+    input_size = input_size or fixed_input_size(module)
+    if layer_map is None:
+        layer_map = map_shapes(module, (3, input_size or icon_size, input_size or icon_size), [layer])[0][layer]
+    network = optvis.Network(module, [layer], normalise=normalise, channels_last=True, maps={layer: layer_map})
     settings = dict(icon_size=icon_size, steps=steps, lr=lr, cos_power=cos_power, decorrelate=decorrelate, pad=pad,
-                    jitter=jitter, scale=scale, rotate=rotate)
+                    jitter=jitter, scale=scale, rotate=rotate, input_size=input_size)
     parts = [render_batch(network, layer, directions[a:a + batch_size], reference[a:a + batch_size],
                           seeds[a:a + batch_size], **settings) for a in range(0, len(directions), batch_size)]
     if not parts:
@@ -281,17 +308,21 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     # Channels-last runs the convolutions' forward and backward faster on the CPU (measured:
     # benchmarks/render.py) and is neutral or better on a GPU.
     module = model.module.to(device).to(memory_format=torch.channels_last)
+    input_size = _input_size(module, r.icon_size, log)
     summaries: list[GridIcons] = []
     with store.activations("render") as acts:
+        maps = maps_from_json(acts.layer_maps, config.layers)
         for layer in dict.fromkeys(m.layer for m in specs):
             keys = [(m, size) for m, size in todo if m.layer == layer]
             if not keys:
                 continue
-            network = optvis.Network(module, [layer], normalise=model.preprocess.normalise, channels_last=True)
-            _check_layer(network, layer, grids[(keys[0][0].name, keys[0][1])], r.icon_size)
+            network = optvis.Network(module, [layer], normalise=model.preprocess.normalise, channels_last=True,
+                                     maps={layer: maps[layer]})
+            _check_layer(network, layer, grids[(keys[0][0].name, keys[0][1])], input_size or r.icon_size)
             members = member_cosines(acts.layer(layer).acts, [grids[(m.name, size)] for m, size in keys])
             for (m, size), member_cos in zip(keys, members):
-                summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, log))
+                summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, input_size,
+                                              log))
     for m, size in jobs:
         if (m, size) not in todo:
             summaries.append(GridIcons(m.name, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
@@ -303,17 +334,32 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     return RenderSummary(False, summaries, str(device), seconds)
 
 
-def _check_layer(network: optvis.Network, layer: str, grid: Grid, icon_size: int) -> None:
-    """The layer must give a (C, H, W) map with the grid's C channels for an icon-sized input."""
-    with torch.no_grad():
-        acts = optvis.evaluate(network, torch.full((1, 3, icon_size, icon_size), 0.5))[layer]
+def _input_size(module: nn.Module, icon_size: int, log: Callable[[str], None]) -> int | None:
+    """The side icons are optimised at: None (the icon size) unless the model takes one size only."""
+    size = fixed_input_size(module)
+    if size is None or size == icon_size:
+        return None
+    log(f"render: the model takes {size} px inputs only: icons are optimised at {size} px and cut to the "
+        f"{icon_size} px square around the centre position")
+    return size
+
+
+def _check_layer(network: optvis.Network, layer: str, grid: Grid, input_size: int) -> None:
+    """The layer must give a (C, H, W) map with the grid's C channels for an input_size input."""
+    try:
+        with torch.no_grad():
+            acts = optvis.evaluate(network, torch.full((1, 3, input_size, input_size), 0.5))[layer]
+    except (RuntimeError, ValueError, AssertionError) as exc:  # the model's own check of its input
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AtlasError(f"the model fails on a {input_size} px icon input at layer {layer!r} ({reason}); if it takes "
+                         "one input size only, set render.icon_size to that size") from None
     if acts.dim() != 4 or acts.shape[1] != grid.direction.shape[1]:
-        raise AtlasError(f"layer {layer!r} gives activations of shape {tuple(acts.shape[1:])} for a {icon_size} px "
+        raise AtlasError(f"layer {layer!r} gives activations of shape {tuple(acts.shape[1:])} for a {input_size} px "
                          f"icon, but its grid directions have {grid.direction.shape[1]} channels")
 
 
 def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid, member_cos: np.ndarray,
-                 log: Callable[[str], None]) -> GridIcons:
+                 input_size: int | None, log: Callable[[str], None]) -> GridIcons:
     """Renders (or resumes) the icons of one map's grid and writes its folder."""
     config = store.config
     r = config.render
@@ -342,7 +388,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     seeds = np.array([icon_seed(r.seed, grid.size, int(grid.cell[c, 0]), int(grid.cell[c, 1]), int(a))
                       for c, a in zip(jobs_cell, jobs_attempt)], dtype=object)
     todo = np.flatnonzero(~done)
-    settings = icon_options(r)
+    settings = {**icon_options(r), "input_size": input_size}
     batch_size = r.batch_size or _auto_batch_size(network, layer, vectors, settings)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     progress = _progress(m, resumed / attempts, f"render {name} {grid.size}x{grid.size}")
@@ -370,7 +416,8 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
         entries.append({"cell": [x, y], "file": icon_file(x, y), "objective": float(objective[j]),
                         "cosine": float(cosine[j]), "member_cosine": float(member_cos[c]), "steps": r.steps,
                         "seed": r.seed, "attempt": int(best[c])})
-    meta = {"layer": layer, "map": name, "size": grid.size, "icon_size": r.icon_size, "fingerprint": fp,
+    meta = {"layer": layer, "map": name, "size": grid.size, "icon_size": r.icon_size,
+            **({"input_size": input_size} if input_size else {}), "fingerprint": fp,
             "grid_fingerprint": grid.digest(),
             "objective": f"dot(h, v) * max({COS_FLOOR}, cos(h, v))^{r.cos_power:g} at the centre of {layer}, "
                          f"v = the cell's {'whitened ' if r.whiten else ''}direction",

@@ -30,8 +30,9 @@ from torch import nn
 
 from .corpus import BadImage, load_image
 from .errors import AtlasError
-from .layers import check_layers, layer_shapes
-from .models import load_model
+from .layer_maps import LayerMap
+from .layers import check_layers, map_shapes
+from .models import fixed_input_size, load_model
 from .models.zoo import OFFLINE_DEFAULT
 from .draw import font
 from .optvis import (Network, Objective, class_logit, fourier_image, frozen, make_generators,
@@ -52,7 +53,7 @@ TEXT = (0, 0, 160)  # labels and titles: dark blue, so no text pixel is gray lik
 
 
 def visualize(model: nn.Module, objective: Objective, *, size: int = 128, steps: int = 256, seed: int = 0,
-              normalise=None, device: torch.device | str = "cpu"):
+              normalise=None, maps: dict[str, LayerMap] | None = None, device: torch.device | str = "cpu"):
     """Optimises one image to maximise `objective` (Fourier parameterisation, standard transforms).
 
     Args:
@@ -62,12 +63,14 @@ def visualize(model: nn.Module, objective: Objective, *, size: int = 128, steps:
         steps: Adam steps; default 256.
         seed: seeds the initial spectrum and the transforms; default 0.
         normalise: [0, 1] pixels -> model input (e.g. `preprocess.normalise`); default identity.
+        maps: how channels-last or token layers read as maps (`atlas.layer_maps`); default
+            channels-first.
 
     Returns:
         An `optvis.Visualization`: `.images` (1, 3, size, size) in [0, 1], `.history` (steps,).
     """
     generators = make_generators([seed])
-    network = Network.for_objective(model, objective, normalise=normalise)
+    network = Network.for_objective(model, objective, normalise=normalise, maps=maps)
     image = fourier_image(size, generators, device=device)
     return optimize(network, objective, image, generators=generators, transform=standard_transforms(size),
                     steps=steps)
@@ -93,17 +96,20 @@ def resolve_class(classes, key: str) -> int:
     raise AtlasError(f"unknown class {key!r}; {hint}give an ImageNet class name (e.g. 'goldfish') or wnid (n01443537)")
 
 
-def _check_channel(model: nn.Module, input_shape: Sequence[int], layer: str, index: int) -> int:
-    """The layer's channel count, after checking that `index` is one of them (AtlasError if not)."""
-    shapes = layer_shapes(model, input_shape, [layer])
-    if layer not in shapes or len(shapes[layer]) != 3:
-        raise AtlasError(f"layer {layer!r} does not give a (C, H, W) feature map on a {tuple(input_shape)} input; "
-                         "pick a convolutional layer (`atlas layers MODEL` lists them with shapes)")
-    count = shapes[layer][0]
+def _layer_map(model: nn.Module, input_shape: Sequence[int], layer: str, model_name: str) -> tuple[LayerMap, int]:
+    """How the layer's output reads as a (C, H, W) map (channels first, last, or tokens), and C."""
+    maps, shapes = map_shapes(model, input_shape, [layer], model_name=model_name)
+    return maps[layer], shapes[layer][0]
+
+
+def _check_channel(model: nn.Module, input_shape: Sequence[int], layer: str, index: int,
+                   model_name: str = "MODEL") -> LayerMap:
+    """The layer's map, after checking that `index` is one of its channels (AtlasError if not)."""
+    layer_map, count = _layer_map(model, input_shape, layer, model_name)
     if not 0 <= index < count:
         raise AtlasError(f"channel {index} is out of range for layer {layer!r}, "
                          f"which has {count} channels (0-{count - 1})")
-    return count
+    return layer_map
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +125,8 @@ def dream_objective(layer: str, channel_index: int | None = None) -> Objective:
 
 def deep_dream(model: nn.Module, pixels: torch.Tensor, objective: Objective, *, octaves: int = 3,
                octave_scale: float = 1.4, steps: int = 10, lr: float = 0.02, jitter_px: int = 32,
-               normalise=None, generator: torch.Generator | None = None) -> torch.Tensor:
+               normalise=None, generator: torch.Generator | None = None,
+               maps: dict[str, LayerMap] | None = None) -> torch.Tensor:
     """DeepDream: gradient ascent on `objective` w.r.t. the pixels over an image pyramid.
 
     From the coarsest level to the full size: the level's image plus the detail dreamed so far
@@ -138,6 +145,7 @@ def deep_dream(model: nn.Module, pixels: torch.Tensor, objective: Objective, *, 
         jitter_px: largest roll, pixels (capped at a quarter of the level's side); default 32.
         normalise: [0, 1] pixels -> model input; default identity.
         generator: the rolls' random source; default a fresh one seeded 0.
+        maps: how channels-last layers read as maps (`atlas.layer_maps`); default channels-first.
 
     Returns:
         (3, H, W) float32 in [0, 1], detached.
@@ -145,7 +153,7 @@ def deep_dream(model: nn.Module, pixels: torch.Tensor, objective: Objective, *, 
     if octaves < 1 or octave_scale <= 1:
         raise ValueError(f"need octaves >= 1 and octave_scale > 1, got {octaves} and {octave_scale}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    network = Network.for_objective(model, objective, normalise=normalise)
+    network = Network.for_objective(model, objective, normalise=normalise, maps=maps)
     base = pixels.detach().float().unsqueeze(0)
     pyramid = [base]
     for _ in range(octaves - 1):
@@ -178,9 +186,10 @@ def deep_dream(model: nn.Module, pixels: torch.Tensor, objective: Objective, *, 
 
 
 @torch.no_grad()
-def feature_maps(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray:
-    """(3, H, W) network input -> (C, h, w) float32 activations of `layer`."""
-    network = Network(model, [layer])
+def feature_maps(model: nn.Module, x: torch.Tensor, layer: str, layer_map: LayerMap | None = None) -> np.ndarray:
+    """(3, H, W) network input -> (C, h, w) float32 activations of `layer` (read as a map by
+    `layer_map`, default channels-first)."""
+    network = Network(model, [layer], maps={layer: layer_map} if layer_map is not None else None)
     with frozen(model):
         h = network(x.unsqueeze(0))[layer]
     if h.dim() != 4:
@@ -309,11 +318,15 @@ def vis(model: str, *, layer: str | None = None, channel: int | None = None, cla
         if layer is None or channel is None:
             raise AtlasError("give --layer and --channel (a channel's visualisation) or --class NAME (a class logit's)")
         check_layers(module, [layer], model)
-        _check_channel(module, loaded.input_shape, layer, channel)
+        layer_map = _check_channel(module, loaded.input_shape, layer, channel, model)
         objective = channel_objective(layer, channel)
         what, stem = f"{layer} channel {channel}", f"{layer}-{channel}"
+    fixed = fixed_input_size(module)
+    if fixed is not None and fixed != size:
+        log(f"note: {model} takes {fixed} px inputs only; the visualisation is {fixed} px, not {size}")
+        size = fixed
     result = visualize(module, objective, size=size, steps=steps, seed=seed, normalise=loaded.preprocess.normalise,
-                       device=torch_device)
+                       maps={layer: layer_map} if class_ is None else None, device=torch_device)
     path = Path(out or f"vis-{_slug(model)}-{_slug(stem)}.png")
     _save(result.images[0], path)
     history = result.history.cpu()
@@ -335,13 +348,16 @@ def dream(image_path: str, *, layer: str, channel: int | None = None, model: str
     loaded = load_model(model, weights)
     module = loaded.module.to(torch_device)
     check_layers(module, [layer], model)
-    if channel is not None:
-        _check_channel(module, loaded.input_shape, layer, channel)
+    if fixed_input_size(module) is not None:
+        raise AtlasError(f"DeepDream runs a model on a photo's own size at several scales, and {model} takes "
+                         f"{fixed_input_size(module)} px square inputs only; use a convolutional model")
+    layer_map = (_check_channel(module, loaded.input_shape, layer, channel, model) if channel is not None
+                 else _layer_map(module, loaded.input_shape, layer, model)[0])
     image = _resize_longer(image, size)
     pixels = _to_tensor(image).to(torch_device)
     dreamed = deep_dream(module, pixels, dream_objective(layer, channel), octaves=octaves, octave_scale=octave_scale,
                          steps=steps, lr=lr, normalise=loaded.preprocess.normalise,
-                         generator=torch.Generator().manual_seed(seed))
+                         generator=torch.Generator().manual_seed(seed), maps={layer: layer_map})
     suffix = f"-{channel}" if channel is not None else ""
     path = Path(out or f"dream-{_slug(Path(image_path).stem)}-{_slug(layer)}{suffix}.png")
     _save(dreamed, path)
@@ -358,8 +374,8 @@ def maps(image_path: str, *, layer: str, channels: int = 64, sort: str = "mean",
     image = _load_photo(image_path)
     loaded = load_model(model, weights)
     module = loaded.module.to(torch_device)
-    check_layers(module, [layer], model)
-    values = feature_maps(module, loaded.preprocess(image).to(torch_device), layer)
+    layer_map, _ = _layer_map(module, loaded.input_shape, layer, model)
+    values = feature_maps(module, loaded.preprocess(image).to(torch_device), layer, layer_map)
     indices = pick_channels(values, channels, sort)
     order = "largest mean" if sort == "mean" else "first"
     title = f"{layer} {tuple(values.shape)}: {len(indices)} {order} channels"

@@ -130,6 +130,8 @@ BAD_FIELDS = [
     ("collect.max_image_pixels", "0", r"collect.max_image_pixels must be >= 1"),
     ("collect.device", '"gpu"', r"collect.device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got 'gpu'"),
     ("collect.threads", "-1", r"collect.threads must be >= 0"),
+    ("collect.layout", '"chw"', r"collect.layout must be \"auto\", \"nchw\", \"nhwc\" or \"tokens\".*got 'chw'"),
+    ("collect.prefix_tokens", "-1", r"collect.prefix_tokens must be \"auto\" or an integer >= 0, got -1"),
     ("layout.n_neighbors", "1", r"layout.n_neighbors must be >= 2"),
     ("layout.min_dist", "-0.5", r"layout.min_dist must be >= 0"),
     ("layout.min_dist", "nan", r"layout.min_dist = nan has the wrong type; expected a number"),

@@ -71,3 +71,35 @@ def config_text(run_dir: Path, images: Path, **collect) -> str:
     for key, value in table.items():
         lines.append(f"{key} = " + (f'"{value}"' if isinstance(value, str) else str(value).lower()))
     return "\n".join(lines) + "\n"
+
+
+VIT_SIZE = 32  # input side of the tiny transformers (the ViT takes only this size)
+
+
+def _seeded(model: nn.Module) -> nn.Module:
+    """Every parameter redrawn from one seeded generator (torchvision zero-initialises ViT heads,
+    which would make every logit and attribution zero)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln.weight", "ln_1.weight", "ln_2.weight", "norm.weight", "norm1.weight",
+                              "norm2.weight")):
+                continue  # LayerNorm gains stay 1
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+def vit() -> nn.Module:
+    """`tiny:vit`: a 3-block ViT on 32 px inputs, 4 px patches (an 8x8 grid plus a class token)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return _seeded(VisionTransformer(image_size=VIT_SIZE, patch_size=4, num_layers=3, num_heads=2, hidden_dim=16,
+                                     mlp_dim=32, num_classes=1000))
+
+
+def swin() -> nn.Module:
+    """`tiny:swin`: a 2-stage Swin on 32 px inputs (16x16 then 8x8 channels-last maps)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return _seeded(SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                                   window_size=[4, 4], num_classes=1000))

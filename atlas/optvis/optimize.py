@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..layer_maps import LayerMap
 from ..layers import LayerTap
 from .objectives import LOGITS, Objective
 from .param import ImageFn
@@ -30,10 +31,13 @@ class Network:
             default None = identity.
         channels_last: feed the model channels-last inputs (faster for convolutions on the CPU
             when the model's weights are channels-last too).
+        maps: layer -> `atlas.layer_maps.LayerMap` for layers whose outputs are channels-last or
+            tokens; default channels-first.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], *,
-                 normalise: Callable[[torch.Tensor], torch.Tensor] | None = None, channels_last: bool = False):
+                 normalise: Callable[[torch.Tensor], torch.Tensor] | None = None, channels_last: bool = False,
+                 maps: Mapping[str, LayerMap] | None = None):
         self.model = model
         self.layers = tuple(dict.fromkeys(layers))
         if not self.layers:
@@ -42,11 +46,11 @@ class Network:
         self.channels_last = channels_last
         self.logits = LOGITS in self.layers
         self._inner = [name for name in self.layers if name != LOGITS]
-        self._tap = LayerTap(model, self._inner) if self._inner else None
+        self._tap = LayerTap(model, self._inner, maps=maps) if self._inner else None
 
     @classmethod
     def for_objective(cls, model: nn.Module, objective: Objective, **kwargs) -> "Network":
-        """The network cut where `objective` needs it."""
+        """The network cut where `objective` needs it (keywords as for the constructor)."""
         return cls(model, objective.layers, **kwargs)
 
     @property

@@ -8,7 +8,8 @@ Schema (documented for users in README):
 - `/classes/name`, `/classes/wnid` (n_classes,) str, for models with known classes.
 - `/layers/<layer>/acts` (n, C) float16/float32, `image` (n,) int32, `yx` (n, 2) int16, and with
   attribution `attr` (n, n_classes) float16; all chunked and growable along the first axis.
-- file attrs: provenance, `model`, `weights`, `seed`, `layers`, `layer_shapes`, `preprocess`,
+- file attrs: provenance, `model`, `weights`, `seed`, `layers`, `layer_shapes` (each layer's (C, H, W)
+  map), `layer_maps` (how each layer's output was read as that map), `preprocess`,
   `n_classes`, `package_version`.
 """
 
@@ -96,6 +97,8 @@ class Activations:
         self.complete = bool(attrs.get("complete", False))
         self.layers: list[str] = json.loads(attrs.get("layers", "[]"))
         self.layer_shapes: dict[str, list[int]] = json.loads(attrs.get("layer_shapes", "{}"))
+        # layer -> {"layout", "prefix", "grid"} (atlas.layer_maps.LayerMap); absent before layouts: all "nchw"
+        self.layer_maps: dict[str, dict[str, Any]] = json.loads(attrs.get("layer_maps", "{}"))
         self.preprocess: dict[str, Any] | None = json.loads(attrs["preprocess"]) if "preprocess" in attrs else None
         self.model = str(attrs.get("model", ""))
         self.n_classes = int(attrs.get("n_classes", 0))
@@ -176,7 +179,7 @@ class ActivationsWriter:
     def finish(self, pred: np.ndarray, status: Sequence[str], *, fingerprint: str, config: Any,
                **attrs: Any) -> None:
         """Writes the predictions, statuses and provenance (attrs: model, weights, seed, layers,
-        layer_shapes, preprocess, n_classes, package_version) and marks the file complete."""
+        layer_shapes, layer_maps, preprocess, n_classes, package_version) and marks the file complete."""
         group = self._h5["images"]
         group.create_dataset("pred", data=np.asarray(pred, dtype=np.int32))
         group.create_dataset("status", data=np.array([str(s) for s in status], dtype=object),

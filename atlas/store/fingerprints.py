@@ -25,6 +25,16 @@ LABEL_MIN_PX = 32  # cells narrower than this get no label in the labelled atlas
 
 COLLECT_KEYS = ("samples_per_image", "border", "batch_size", "attribution", "attribution_batch", "predict", "dtype",
                 "seed", "max_images", "max_image_pixels")  # the [collect] settings that change activations.h5
+# [collect] settings that change activations.h5 only when set: at their defaults they read every
+# layer as before they existed, so runs collected earlier stay current.
+COLLECT_KEYS_IF_SET = {"layout": "auto", "prefix_tokens": "auto"}
+
+
+def _collect_values(table: Any) -> dict[str, Any]:
+    out = {key: table.get(key) for key in COLLECT_KEYS}
+    out.update({key: table[key] for key, default in COLLECT_KEYS_IF_SET.items()
+                if table.get(key, default) != default})
+    return out
 
 
 def collect_settings(table: Any) -> dict[str, Any]:
@@ -33,7 +43,7 @@ def collect_settings(table: Any) -> dict[str, Any]:
     dotted key -> JSON value."""
     table = to_jsonable(table)
     out = {key: table.get(key) for key in ("model", "weights", "preprocess", "layers")}
-    out.update({f"collect.{key}": table.get("collect", {}).get(key) for key in COLLECT_KEYS})
+    out.update({f"collect.{key}": value for key, value in _collect_values(table.get("collect", {})).items()})
     return out
 
 
@@ -56,7 +66,7 @@ def collect_fingerprint(config: Config, preprocess: Any, records: Sequence[Image
     c = config.collect
     images = [(r.relpath, int(size), int(mtime)) for r, (size, mtime) in zip(records, stats)]
     return fingerprint("collect", config.model, config.weights, preprocess, config.layers,
-                       *(getattr(c, key) for key in COLLECT_KEYS), images)
+                       *_collect_values(to_jsonable(c)).values(), images)
 
 
 def layout_fingerprint(config: Config, activations: str) -> str:
