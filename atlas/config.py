@@ -154,6 +154,9 @@ class CollectConfig:
         _check(self.dtype in ("float16", "float32"),
                f"collect.dtype must be \"float16\" or \"float32\", got {self.dtype!r}")
         _check_device(self.device, "collect.device")
+        if isinstance(self.layout, Mapping):  # entries at "auto" say nothing: one config, one fingerprint
+            table = {k: v for k, v in self.layout.items() if v != "auto"}
+            object.__setattr__(self, "layout", table or "auto")
         layouts = self.layout.values() if isinstance(self.layout, Mapping) else [self.layout]
         for value in layouts:
             _check(value in ("auto", *LAYOUTS), "collect.layout must be \"auto\", \"nchw\", \"nhwc\" or \"tokens\" "

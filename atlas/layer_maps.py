@@ -92,7 +92,11 @@ def to_map(x: torch.Tensor, layout: str, prefix: int, grid: tuple[int, int] | No
         return x.permute(0, 3, 1, 2)
     if layout == "tokens":
         b, t, c = x.shape
-        gh, gw = token_grid(t - prefix, grid)
+        try:
+            gh, gw = token_grid(t - prefix, grid)
+        except ValueError:
+            raise AtlasError(f"{t - prefix} patch tokens (of {t}, {prefix} prefix) do not form a square grid at this "
+                             "input size; give the model a square input") from None
         return x[:, prefix:].transpose(1, 2).reshape(b, c, gh, gw)
     return x
 
@@ -189,8 +193,8 @@ def _token_map(layer: str, shape: tuple[int, ...], prefix: int | str,
     hint_prefix, grid = hints
     if prefix != "auto":
         source, options = "config", [int(prefix)]
-    elif hint_prefix is not None:
-        source, options = "model", [hint_prefix]
+    elif hint_prefix is not None:  # before the class token is added (timm's patch_embed) there is none
+        source, options = "model", list(dict.fromkeys([hint_prefix, 0]))
     else:
         source, options = "guessed", list(range(min(MAX_GUESSED_PREFIX, t - 1) + 1))
     for p in options:
@@ -199,9 +203,9 @@ def _token_map(layer: str, shape: tuple[int, ...], prefix: int | str,
         except ValueError:
             continue
         return LayerMap("tokens", p, found, source)
-    raise AtlasError(f"layer {layer!r} outputs {t} tokens of width {shape[1]}, and {t} minus "
-                     f"{options[0] if len(options) == 1 else 'up to ' + str(options[-1])} prefix tokens is no square "
-                     "patch grid; set collect.prefix_tokens to its count of class/register tokens")
+    tried = f"0 to {options[-1]}" if source == "guessed" else " or ".join(map(str, options))
+    raise AtlasError(f"layer {layer!r} outputs {t} tokens of width {shape[1]}, and {t} minus {tried} prefix tokens "
+                     "is no square patch grid; set collect.prefix_tokens to its count of class/register tokens")
 
 
 def resolve_maps(model: nn.Module, shapes: Mapping[str, Sequence[int]], layers: Sequence[str],

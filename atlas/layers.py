@@ -301,7 +301,7 @@ class LayerTap:
 
             with _forward_mode_attention():
                 out = torch.func.vmap(tangent_out, chunk_size=per_pass)(_position_tangents(h, yx))
-        return out.permute(1, 0, 2).float()  # (k, B, n) -> (B, k, n)
+        return out.permute(1, 0, 2).float().detach()  # (k, B, n) -> (B, k, n)
 
 
 def _cut_at_map(graph: fx.Graph, node: fx.Node, layer_map: LayerMap) -> fx.Node:

@@ -229,7 +229,8 @@ def receptive_field(model: nn.Module, layer: str, input_size: int | Sequence[int
             break
         if scale == 1:
             map_hw, first = (hm, wm), (rows, cols)
-            whole = all(span == (0, n) for spans, n in ((rows, h_in), (cols, w_in)) for span in spans.values())
+        whole_here = all(span == (0, n * scale) for spans, n in ((rows, h_in), (cols, w_in)) for span in spans.values())
+        whole = whole_here if scale == 1 else whole and whole_here
         try:
             for axis, (spans, n_map, n) in enumerate(((rows, hm, h_in * scale), (cols, wm, w_in * scale))):
                 if result[axis] is None:
@@ -238,6 +239,8 @@ def receptive_field(model: nn.Module, layer: str, input_size: int | Sequence[int
             return _centred(first, map_hw, (h_in, w_in))
         if all(r is not None for r in result) or scale >= 8:
             break
+        if whole and (layer_map.layout == "tokens" or scale == 2):
+            break  # attention: whole at two sizes (and a larger input costs its square in memory)
         scale *= 2  # same parity as input_size, so TF-'same' padding is unchanged
     if any(r is None for r in result):
         if whole:  # every position saw the whole input at every size tried

@@ -204,7 +204,9 @@ def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndar
     reference = directions if reference is None else np.asarray(reference, np.float32)
     seeds = list(seeds) if seeds is not None else [icon_seed(seed, 0, i, 0, 0) for i in range(len(directions))]
     module = model.to(torch.device(device)).to(memory_format=torch.channels_last)
-    input_size = input_size or fixed_input_size(module)
+    input_size = input_size or optimisation_size(module, icon_size)
+    if input_size is not None and input_size < icon_size:
+        raise AtlasError(f"icon_size {icon_size} is larger than the {input_size} px image the icons are optimised at")
     if layer_map is None:
         layer_map = map_shapes(module, (3, input_size or icon_size, input_size or icon_size), [layer])[0][layer]
     network = optvis.Network(module, [layer], normalise=normalise, channels_last=True, maps={layer: layer_map})
@@ -308,7 +310,10 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     # Channels-last runs the convolutions' forward and backward faster on the CPU (measured:
     # benchmarks/render.py) and is neutral or better on a GPU.
     module = model.module.to(device).to(memory_format=torch.channels_last)
-    input_size = _input_size(module, r.icon_size, log)
+    input_size = optimisation_size(module, r.icon_size)
+    if input_size is not None:
+        log(f"render: the model takes {input_size} px inputs only: icons are optimised at {input_size} px and cut "
+            f"to the {r.icon_size} px square around the centre position")
     summaries: list[GridIcons] = []
     with store.activations("render") as acts:
         maps = maps_from_json(acts.layer_maps, config.layers)
@@ -334,13 +339,19 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     return RenderSummary(False, summaries, str(device), seconds)
 
 
-def _input_size(module: nn.Module, icon_size: int, log: Callable[[str], None]) -> int | None:
-    """The side icons are optimised at: None (the icon size) unless the model takes one size only."""
+def optimisation_size(module: nn.Module, icon_size: int) -> int | None:
+    """The side icons are optimised at when it is not icon_size: the one input size of a model that
+    takes one size only (a ViT), else None.
+
+    Raises:
+        AtlasError: icon_size is larger than that size.
+    """
     size = fixed_input_size(module)
     if size is None or size == icon_size:
         return None
-    log(f"render: the model takes {size} px inputs only: icons are optimised at {size} px and cut to the "
-        f"{icon_size} px square around the centre position")
+    if icon_size > size:
+        raise AtlasError(f"render.icon_size = {icon_size} is larger than the {size} px inputs the model takes; "
+                         f"set render.icon_size to at most {size}")
     return size
 
 
@@ -433,7 +444,8 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
                         rendered / loop_seconds if loop_seconds > 0 else 0.0,
                         meta["median_cosine"], meta["median_member_cosine"], icons.folder)
     log(f"render: {name} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s; "
-        f"{r.icon_size} px, {r.steps} steps, {attempts} attempt(s)); median cosine to the cell direction: icons "
+        f"{r.icon_size} px{f' cut from {input_size} px' if input_size else ''}, {r.steps} steps, {attempts} "
+        f"attempt(s)); median cosine to the cell direction: icons "
         f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; wrote {icons.folder}")
     return summary
 

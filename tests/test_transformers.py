@@ -220,3 +220,43 @@ def test_classic_views_read_token_layers_and_dream_refuses_a_fixed_size_model(tm
     dream = run_cli("dream", str(photo), *common, cwd=tmp_path)
     assert dream.returncode == 2 and "takes 32 px square inputs only" in dream.stderr
     assert len(dream.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("made, now", [({"prefix_tokens": 1}, {}), ({}, {"prefix_tokens": 1}),
+                                       ({"layout": "tokens"}, {"layout": {"blocks.1": "nhwc"}})])
+def test_a_changed_layout_setting_makes_activations_stale_both_ways(tmp_path, made, now):
+    from atlas.config import CollectConfig
+    from atlas.store import Run
+    from toy_runs import toy_config, write_activations
+
+    old = toy_config(tmp_path, collect=CollectConfig(**made))
+    write_activations(tmp_path, {"blocks.1": np.ones((10, 4), np.float32)}, config=old)
+    with pytest.raises(AtlasError, match=r"is out of date \(collected with collect\.(prefix_tokens|layout) = "):
+        Run(tmp_path, toy_config(tmp_path, collect=CollectConfig(**now))).activations_fingerprint()
+    Run(tmp_path, toy_config(tmp_path, collect=CollectConfig(**made))).activations_fingerprint()  # same: current
+
+
+def test_layout_tables_at_auto_are_the_default_config():
+    from atlas.config import CollectConfig
+
+    assert CollectConfig(layout={}).layout == "auto"
+    assert CollectConfig(layout={"a": "auto", "b": "nhwc"}).layout == {"b": "nhwc"}
+
+
+def test_icons_larger_than_a_fixed_size_model_are_refused_and_a_declared_prefix_falls_back_to_none():
+    from atlas.render import render_icons
+
+    with pytest.raises(AtlasError, match="icon_size = 64 is larger than the 32 px inputs the model takes"):
+        render_icons(tiny.vit(), "encoder.layers.encoder_layer_0", np.ones((1, 16), np.float32), icon_size=64)
+    patches = choose_map("patch_embed", (196, 32), hints=(1, (14, 14)))  # timm: before the class token joins
+    assert (patches.prefix, patches.grid) == (0, (14, 14))
+
+
+def test_collect_activations_in_memory_on_an_unfrozen_vit():
+    from atlas.collect import collect_activations
+
+    vit = tiny.vit()  # parameters still require grad, as a user's fresh module does
+    samples = collect_activations(vit, torch.rand(2, 3, 32, 32), ["encoder.layers.encoder_layer_0"],
+                                  samples_per_image=3)
+    acts = samples.acts["encoder.layers.encoder_layer_0"]
+    assert acts.shape == (6, 16) and samples.attr["encoder.layers.encoder_layer_0"].shape == (6, 1000)

@@ -47,6 +47,12 @@ def collect_settings(table: Any) -> dict[str, Any]:
     return out
 
 
+def setting(settings: dict[str, Any], key: str) -> Any:
+    """A value of `collect_settings`, with the default of a key left out at its default."""
+    default = COLLECT_KEYS_IF_SET.get(key.removeprefix("collect."))
+    return settings.get(key, default)
+
+
 def image_stats(records: Sequence[ImageRecord]) -> np.ndarray:
     """(n, 2) int64 size and modification time (ns) of each image file; -1, -1 where unreadable."""
     out = np.full((len(records), 2), -1, np.int64)

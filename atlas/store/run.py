@@ -156,11 +156,11 @@ class Run:
         path = self.activations_path
         recorded = self._recorded(path, "collect", upto)
         made, now = fp.collect_settings(json.loads(recorded["config"])), fp.collect_settings(self.config)
-        changed = [key for key in now if made.get(key) != now[key]]
+        changed = [key for key in {**made, **now} if fp.setting(made, key) != fp.setting(now, key)]
         if changed:
             key = changed[0]
-            raise self._refuse(path, f"is out of date (collected with {key} = {json.dumps(made.get(key))}, "
-                               f"now {json.dumps(now[key])})", "collect", upto)
+            raise self._refuse(path, f"is out of date (collected with {key} = {json.dumps(fp.setting(made, key))}, "
+                               f"now {json.dumps(fp.setting(now, key))})", "collect", upto)
         return recorded["fingerprint"]
 
     def expected_layout_fingerprint(self, upto: str = "layout") -> str:
