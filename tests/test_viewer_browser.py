@@ -85,6 +85,13 @@ def zoom_to(page, size: int) -> None:
     wait_ready(page)
 
 
+def densest_cell(grid) -> tuple[int, int, int]:
+    """(row, x, y) of the grid's cell with the most samples."""
+    i = int(np.argmax(grid.count))
+    x, y = (int(v) for v in grid.cell[i])
+    return i, x, y
+
+
 def centre(page, pane: int, x: int, y: int) -> tuple[float, float]:
     """The page coordinates of cell (x, y)'s centre, after bringing it to the middle of the view
     (the zoom is kept, so the grid shown stays the same)."""
@@ -129,8 +136,7 @@ def test_hover_shows_the_top_classes_the_grid_holds(page, viewer_run):
     zoom_to(page, 4)
     grid = Run.open(viewer_run).grid_file()
     g = grid.grid("features", 4)
-    i = int(np.argmax(g.count))
-    x, y = (int(v) for v in g.cell[i])
+    i, x, y = densest_cell(g)
     page.mouse.move(*centre(page, 0, x, y))
     tooltip = page.locator("#tooltip")
     tooltip.wait_for(state="visible")
@@ -145,8 +151,7 @@ def test_click_opens_the_panel_with_nine_patches_and_the_inspect_command(page, v
     zoom_to(page, 4)
     store = Run.open(viewer_run)
     g = store.grid("features", 4)
-    i = int(np.argmax(g.count))
-    x, y = (int(v) for v in g.cell[i])
+    i, x, y = densest_cell(g)
     page.mouse.click(*centre(page, 0, x, y))
     panel = page.locator("#panel")
     panel.wait_for(state="visible")
