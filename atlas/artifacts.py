@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,22 @@ def prepare_work_dir(path: str | Path, fingerprint_: str) -> Path:
     A resumable stage writes finished pieces of work into such a folder; pieces of a run with
     another config are thrown away, never appended to.
     """
+    import shutil
+
     path = Path(path)
     stamp = path / "fingerprint"
     if path.exists():
         old = stamp.read_text().strip() if stamp.is_file() else None
-        if old != fingerprint_:
-            import shutil
-
-            shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if not stamp.is_file():
-        with atomic_path(stamp) as tmp:
-            tmp.write_text(fingerprint_ + "\n")
+        if old == fingerprint_:
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+    # The folder appears with its stamp in one rename: independent shard jobs starting together
+    # never see a folder without a stamp (which they would take for another run's and delete).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    (fresh / "fingerprint").write_text(fingerprint_ + "\n")
+    try:
+        os.rename(fresh, path)
+    except OSError:  # another process made it first
+        shutil.rmtree(fresh, ignore_errors=True)
     return path

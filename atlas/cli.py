@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set collect.samples_per_image=8 (repeatable)")
         p.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
+        if stage in ("collect", "render"):
+            p.add_argument("--shard", metavar="I/N", default=None,
+                           help="do only share I (from 0) of N of the work, for N independent jobs such as a "
+                                "job array (under torchrun the ranks share it without this)")
+            p.add_argument("--merge", action="store_true",
+                           help="compute nothing: write the stage's result from the parts every --shard job left")
         if stage == "view":
             p.add_argument("--serve", action="store_true", help="then serve the viewer on localhost")
             p.add_argument("--port", type=_port, default=8000, help="port for --serve (default: 8000; 0 = any free one)")
@@ -191,11 +197,26 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .distributed import join_from_environment, leave, parse_shard
     from .pipeline import STAGES, run_stages
 
     config = load_config(args.config, args.overrides)
+    shard_text, merge = getattr(args, "shard", None), getattr(args, "merge", False)
+    if merge and (shard_text or args.force):
+        raise AtlasError(f"--merge takes neither --shard nor --force: run `atlas {args.command} "
+                         f"{config.run_dir} --merge` once every shard has finished")
+    shard = join_from_environment()
     try:
-        run_stages(config, STAGES if args.command == "run" else (args.command,), force=args.force)
+        if shard_text:
+            if shard.group:
+                raise AtlasError("--shard is for jobs started one by one; under torchrun the ranks share the work "
+                                 "without it")
+            shard = parse_shard(shard_text)
+        if shard.group and merge:
+            raise AtlasError("--merge is for jobs started one by one; under torchrun rank 0 writes the result")
+        log = print if shard.index == 0 or not shard.group else (lambda line: print(f"[rank {shard.index}] {line}"))
+        run_stages(config, STAGES if args.command == "run" else (args.command,), force=args.force, log=log,
+                   shard=shard, merge=merge)
     except AtlasError as exc:
         # The stages a refusal names must run with this command's overrides, which RUN/config.toml
         # does not hold yet (it is written after a stage succeeds).
@@ -203,6 +224,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
             sets = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
             raise AtlasError(f"{exc} (each with {sets})") from None
         raise
+    finally:
+        leave()
     if getattr(args, "serve", False):
         from .view import serve
 

@@ -5,10 +5,12 @@ for each layer, the activations at k random positions per image away from the bo
 sample's image and position, and its attribution to every class; per image its label, the
 model's top-1 prediction and whether it could be read.
 
-Work is committed in parts (each a file written atomically in the run's collect work folder), so
-an interrupted collect resumes at the last finished part and, because batches have fixed
-boundaries and positions are seeded per image, ends bit-identical to an uninterrupted run. The
-final file is assembled from the parts and appears only when complete.
+Work is committed in parts of `collect.images_per_part` images (each a file written atomically
+in the run's collect work folder), so an interrupted collect computes only the parts that are not
+on disk and, because parts and batches have fixed boundaries and positions are seeded per image,
+ends bit-identical to an uninterrupted run. The parts are shared out between processes the same
+way (atlas.distributed: torchrun ranks, or `--shard I/N` jobs and a final `--merge`). The final
+file is assembled from the parts and appears only when complete.
 
 `collect_activations` is the same sampling in memory, for a list of images in a notebook.
 """
@@ -36,11 +38,10 @@ from .errors import AtlasError
 from .layer_maps import maps_to_json
 from .layers import LayerTap, map_shapes
 from .models import LoadedModel, Preprocess, load_model
-from .runtime import keep_freed_memory, pick_device
+from .distributed import ALONE, Shard
+from .runtime import keep_freed_memory
 from .store import Run
 from .store.fingerprints import collect_fingerprint, image_stats
-
-IMAGES_PER_PART = 256  # a kill loses at most this much finished work
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -241,14 +242,9 @@ def _part_name(start: int) -> str:
     return f"part-{start:09d}.npz"
 
 
-def _finished_parts(parts_dir: Path, part_size: int, n_images: int) -> list[Path]:
-    """The parts already on disk, contiguous from the first image (a gap ends the list)."""
-    found = []
-    start = 0
-    while start < n_images and (parts_dir / _part_name(start)).is_file():
-        found.append(parts_dir / _part_name(start))
-        start += part_size
-    return found
+def _finished_parts(parts_dir: Path, part_size: int, n_images: int) -> list[int]:
+    """The indices of the parts already on disk (part i covers images [i * part_size, (i + 1) * part_size))."""
+    return [i for i in range(-(-n_images // part_size)) if (parts_dir / _part_name(i * part_size)).is_file()]
 
 
 # ----------------------------------------------------------------------------- run
@@ -267,18 +263,28 @@ class CollectSummary:
     seconds: float
     images_per_s: float
     file_size: int
-    resumed_from: int
+    resumed_from: int  # images of finished parts found on disk at the start
     loop_seconds: float = 0.0  # decoding + model + sampling + writing parts
     assemble_seconds: float = 0.0  # streaming the parts into activations.h5
+    assembled: bool = True  # False for a shard that left activations.h5 to rank 0 or to --merge
+    parts_done: int = 0  # parts this process computed
 
 
-def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> CollectSummary:
+def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print, shard: Shard = ALONE,
+        merge: bool = False) -> CollectSummary:
     """Runs the collect stage for a config, skipping it when activations.h5 is up to date.
 
     Args:
         config: the run's config.
         force: recollect even when up to date.
         log: receives the summary lines.
+        shard: this process's share of the parts (atlas.distributed): under torchrun every rank
+            computes its parts and rank 0 assembles the file; an independent `--shard I/N` job
+            only computes its parts.
+        merge: compute nothing; assemble activations.h5 from the parts the shards left.
+
+    Raises:
+        AtlasError: for --merge, parts are missing (it names the shards that own them).
     """
     t_start = time.perf_counter()
     c = config.collect
@@ -287,7 +293,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     if c.threads:
         torch.set_num_threads(c.threads)
     keep_freed_memory()
-    device = pick_device(c.device, "collect.device")
+    device = shard.device(c.device, "collect.device")
 
     model = load_model(config.model, config.weights, config.preprocess)
     records = find_images(config.images, model.classes.lookup if model.classes else None,
@@ -305,23 +311,72 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         return CollectSummary(True, len(records), 0, {}, {}, None, 0.0, 0.0, out_path.stat().st_size, 0)
 
     parts_dir = store.collect_parts_dir
-    prepare_work_dir(parts_dir, fp)
-    part_size = max(1, IMAGES_PER_PART // c.batch_size) * c.batch_size
+    part_size = -(-c.images_per_part // c.batch_size) * c.batch_size
+    n_parts = -(-len(records) // part_size)
+    if shard.group:
+        if shard.index == 0:
+            prepare_work_dir(parts_dir, f"{fp} {part_size}")  # parts are kept for the same content and boundaries
+        shard.barrier()
+    else:
+        prepare_work_dir(parts_dir, f"{fp} {part_size}")
     done = _finished_parts(parts_dir, part_size, len(records))
-    resume = len(done) * part_size
-    if resume:
-        log(f"collect: resuming after {min(resume, len(records))} of {len(records)} images")
+    mine = [] if merge else [i for i in range(n_parts) if shard.owns(i) and i not in set(done)]
+    if done and mine:
+        log(f"collect: resuming; {len(done)} of {n_parts} parts ({min(len(done) * part_size, len(records))} "
+            f"images) already done")
 
-    candidates = {layer: interior_positions(shapes[layer][1], shapes[layer][2], c.border)
-                  for layer in config.layers}
     t_loop = time.perf_counter()
-    progress = _progress(len(records), resume)
+    n_mine = sum(min(part_size, len(records) - i * part_size) for i in mine)
+    if mine:
+        candidates = {layer: interior_positions(shapes[layer][1], shapes[layer][2], c.border)
+                      for layer in config.layers}
+        _collect_parts(tap, records, model.preprocess, [(i * part_size, min((i + 1) * part_size, len(records)))
+                                                        for i in mine], candidates, config, device, parts_dir)
+    loop_seconds = time.perf_counter() - t_loop
+    rate = n_mine / loop_seconds if loop_seconds > 0 else 0.0
+    shard.barrier()  # under torchrun: every rank's parts are written
+
+    if not (shard.writes_result or merge):
+        left = n_parts - len(_finished_parts(parts_dir, part_size, len(records)))
+        log(f"collect: {shard.describe()}: {len(mine)} part(s), {n_mine} images in {loop_seconds:.1f} s "
+            f"({rate:.1f} images/s); " + ("rank 0 assembles activations.h5" if shard.group else
+                                           f"{left} of {n_parts} parts still missing" if left else
+                                           "every part is done") +
+            ("" if shard.group else f"; when every shard has finished, run `atlas collect {config.run_dir} --merge`"))
+        return CollectSummary(False, len(records), 0, {}, {}, None, time.perf_counter() - t_start, rate, 0,
+                              len(done) * part_size, loop_seconds, 0.0, assembled=False, parts_done=len(mine))
+
+    finished = _finished_parts(parts_dir, part_size, len(records))
+    missing = sorted(set(range(n_parts)) - set(finished))
+    if missing:
+        raise AtlasError(_missing_parts(missing, n_parts, config.run_dir))
+    t_assemble = time.perf_counter()
+    summary = _assemble(store, [parts_dir / _part_name(i * part_size) for i in finished], records, stats, config,
+                        model, shapes, maps_to_json(maps), fp)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    summary.seconds = time.perf_counter() - t_start
+    summary.loop_seconds = loop_seconds
+    summary.assemble_seconds = time.perf_counter() - t_assemble
+    summary.resumed_from = min(len(done) * part_size, len(records))
+    summary.images_per_s = rate
+    summary.parts_done = len(mine)
+    _log_summary(summary, out_path, log)
+    return summary
+
+
+def _collect_parts(tap: LayerTap, records: Sequence[ImageRecord], preprocess: Preprocess,
+                   spans: Sequence[tuple[int, int]], candidates: dict[str, np.ndarray], config: Config,
+                   device: torch.device, parts_dir: Path) -> None:
+    """Samples the images of each (start, stop) span and writes each span as one part file."""
+    c = config.collect
+    progress = _progress(sum(b - a for a, b in spans), 0)
+    stops = dict(spans)
     try:
         part = None
-        for batch in iter_batches(records, model.preprocess, c.batch_size, workers=c.workers, start=resume,
-                                  max_pixels=c.max_image_pixels):
+        for batch in iter_batches(records, preprocess, c.batch_size, workers=c.workers,
+                                  max_pixels=c.max_image_pixels, spans=spans):
             if part is None:
-                part = _Part.empty(batch.start, min(batch.start + part_size, len(records)), config.layers)
+                part = _Part.empty(batch.start, stops[batch.start], config.layers)
             for index, reason in batch.skipped:
                 part.status[index - part.start] = reason
             if len(batch.indices):
@@ -330,26 +385,20 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
                     tap, batch.indices, pixels, candidates, samples_per_image=c.samples_per_image, seed=c.seed,
                     attribution=c.attribution, attribution_batch=c.attribution_batch, predict=c.predict,
                     dtype=c.dtype))
-            batch_stop = min(batch.start + c.batch_size, len(records))
+            batch_stop = min(batch.start + c.batch_size, part.stop)
             progress.update(batch_stop - batch.start)
             if batch_stop >= part.stop:
                 part.save(parts_dir / _part_name(part.start))
                 part = None
     finally:
         progress.close()
-    loop_seconds = time.perf_counter() - t_loop
 
-    parts = _finished_parts(parts_dir, part_size, len(records))
-    t_assemble = time.perf_counter()
-    summary = _assemble(store, parts, records, stats, config, model, shapes, maps_to_json(maps), fp)
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    summary.seconds = time.perf_counter() - t_start
-    summary.loop_seconds = loop_seconds
-    summary.assemble_seconds = time.perf_counter() - t_assemble
-    summary.resumed_from = resume
-    summary.images_per_s = (len(records) - resume) / loop_seconds if loop_seconds > 0 else 0.0
-    _log_summary(summary, out_path, log)
-    return summary
+
+def _missing_parts(missing: Sequence[int], n_parts: int, run_dir: Path) -> str:
+    """The one line of a --merge that lacks parts: which, who owns them, what to run."""
+    listed = ", ".join(str(i) for i in missing[:8]) + (", ..." if len(missing) > 8 else "")
+    return (f"{len(missing)} of {n_parts} collect parts are missing (part {listed}; part i belongs to shard i mod N "
+            f"of --shard I/N): run those shards again, or `atlas collect {run_dir}` to compute the rest here")
 
 
 def _progress(total: int, initial: int):

@@ -131,7 +131,8 @@ class CollectConfig:
 
     samples_per_image: int | str = 16  # random positions per image and layer; "all" = every position inside the border
     border: int = 1  # positions closer than this to the map's edge are never sampled (the article avoids edges)
-    batch_size: int = 32  # images per forward pass; also the unit of resume
+    batch_size: int = 32  # images per forward pass
+    images_per_part: int = 256  # images per part, rounded up to whole batches: the unit of resume and of sharing work between processes
     workers: int = 1  # image-decoding worker processes; 0 decodes in the main process
     attribution: bool = True  # store each sample's attribution to every class (h . dlogit/dh)
     attribution_batch: int = 256  # (image, position) tangents pushed through the network at once; more is faster until memory runs out
@@ -146,7 +147,7 @@ class CollectConfig:
     prefix_tokens: int | str = "auto"  # class/register tokens before a token layer's patch grid (kept aside, not sampled); "auto" = as the model declares
 
     def __post_init__(self) -> None:
-        _check_fields(self, "collect.", border=0, batch_size=1, workers=0, attribution_batch=1, seed=0,
+        _check_fields(self, "collect.", border=0, batch_size=1, images_per_part=1, workers=0, attribution_batch=1, seed=0,
                       max_images=0, max_image_pixels=1, threads=0)
         spi = self.samples_per_image
         _check(spi == "all" or (isinstance(spi, int) and spi >= 1),

@@ -301,7 +301,8 @@ class Batch:
 
 def iter_batches(records: Sequence[ImageRecord], transform: Callable[[Image.Image], torch.Tensor],
                  batch_size: int, workers: int = 1, start: int = 0,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[Batch]:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 spans: Sequence[tuple[int, int]] | None = None) -> Iterator[Batch]:
     """Yields the records from `start` on, decoded and transformed, one `Batch` per range.
 
     Args:
@@ -314,6 +315,8 @@ def iter_batches(records: Sequence[ImageRecord], transform: Callable[[Image.Imag
             start + (k+1)*batch_size), the last one shorter, whichever images fail: a collect
             resumed at a multiple of batch_size sees the same batches as an uninterrupted one.
         max_pixels: passed to `load_image`.
+        spans: read only these (start, stop) ranges of records instead of [start, end), each in
+            batches from its own start (a collect shard's parts); `start` is then ignored.
 
     Images that `load_image` refuses, and those whose transform raises, are reported in
     `Batch.skipped`; the iterator itself does not fail on bad images.
@@ -328,11 +331,14 @@ def iter_batches(records: Sequence[ImageRecord], transform: Callable[[Image.Imag
         raise ValueError(f"workers must be >= 0, got {workers}")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
-    return _iter_batches(records, transform, batch_size, workers, start, max_pixels)
+    spans = [(start, len(records))] if spans is None else list(spans)
+    if any(not 0 <= a <= b <= len(records) for a, b in spans):
+        raise ValueError(f"spans must be (start, stop) ranges within [0, {len(records)}], got {spans}")
+    ranges = [range(s, min(s + batch_size, b)) for a, b in spans for s in range(a, b, batch_size)]
+    return _iter_batches(records, transform, workers, ranges, max_pixels)
 
 
-def _iter_batches(records, transform, batch_size, workers, start, max_pixels) -> Iterator[Batch]:
-    ranges = [range(s, min(s + batch_size, len(records))) for s in range(start, len(records), batch_size)]
+def _iter_batches(records, transform, workers, ranges, max_pixels) -> Iterator[Batch]:
     if not ranges:
         return
     decode = _DecodeImages(records, transform, max_pixels)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config, save_config
+from .distributed import ALONE, Shard
+from .errors import AtlasError
 from .store.run import STAGES
 
 
@@ -20,8 +22,11 @@ def _config(config: Config | str | Path) -> Config:
     return config if isinstance(config, Config) else load_config(config)
 
 
+SHARED_STAGES = ("collect", "render")  # stages whose work is shared out between processes (atlas.distributed)
+
+
 def run_stages(config: Config | str | Path, stages: Sequence[str] = STAGES, *, force: bool = False,
-               log: Callable[[str], None] = print) -> list[Any]:
+               log: Callable[[str], None] = print, shard: Shard = ALONE, merge: bool = False) -> list[Any]:
     """Runs stages in order (default all six) and returns their summaries.
 
     Args:
@@ -29,17 +34,32 @@ def run_stages(config: Config | str | Path, stages: Sequence[str] = STAGES, *, f
         stages: names from STAGES (collect, layout, grid, render, mosaic, view), in order.
         force: redo each stage even when it is up to date.
         log: receives the stages' summary lines.
+        shard: this process's share (atlas.distributed). collect and render share their work out;
+            under torchrun rank 0 runs the other stages while the rest wait (their summary is
+            None), and an independent `--shard I/N` job may run only collect or render.
+        merge: collect and render only write their results from the parts the shards left.
     """
     config = _config(config)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; the stages are {', '.join(STAGES)}")
+    unshared = [s for s in stages if s not in SHARED_STAGES]
+    if (merge or not (shard.alone or shard.group)) and unshared:
+        raise AtlasError(f"--shard and --merge apply to collect and render only, not to {unshared[0]}; "
+                         "run the other stages once, in one job")
     summaries = []
     for stage in stages:
-        summaries.append(importlib.import_module(f"atlas.{stage}").run(config, force=force, log=log))
+        module = importlib.import_module(f"atlas.{stage}")
+        if stage in SHARED_STAGES:
+            summaries.append(module.run(config, force=force, log=log, shard=shard, merge=merge))
+        else:
+            summaries.append(module.run(config, force=force, log=log) if shard.writes_result else None)
+            shard.barrier()
         # The run directory holds the effective config of its last successful stage (not of a
-        # command that failed on, say, a misspelt layer).
-        save_config(config)
+        # command that failed on, say, a misspelt layer). Independent shard jobs write it too, so
+        # that `--merge RUN` finds it.
+        if shard.writes_result or not shard.group:
+            save_config(config)
     return summaries
 
 

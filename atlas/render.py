@@ -21,7 +21,9 @@ Icon (cell, attempt) draws every random number from its own generator seeded by 
 attempt), so it does not depend on which other icons share its batch, nor on the batch size.
 
 Resuming: finished batches are kept in the map's icons work folder while the fingerprint is the
-same; the finished folder replaces the old one in one rename.
+same; the finished folder replaces the old one in one rename. Several processes share a grid's
+icons in blocks of SHARE_JOBS (atlas.distributed: torchrun ranks, or `--shard I/N` jobs and a
+final `--merge`); since every icon is seeded by its cell, the icons equal a one-process run's.
 
 `render_icons` is the same optimisation in memory, for directions from a notebook.
 """
@@ -48,7 +50,8 @@ from .grid import cosine_to_direction
 from .layer_maps import LayerMap, maps_from_json
 from .layers import map_shapes
 from .models import LoadedModel, fixed_input_size, load_model
-from .runtime import keep_freed_memory, pick_device
+from .distributed import ALONE, Shard
+from .runtime import keep_freed_memory
 from .store import Grid, Run, icon_file
 from .store.fingerprints import icons_fingerprint
 
@@ -263,6 +266,7 @@ class GridIcons:
     median_cosine: float  # median over cells of cos(icon's centre activation, direction)
     median_member_cosine: float  # median over cells of the median member cosine
     path: Path  # RUN/<layer>/icons-<N>
+    written: bool = True  # False for a shard that left the folder to rank 0 or to --merge
 
 
 @dataclasses.dataclass
@@ -275,7 +279,8 @@ class RenderSummary:
     seconds: float
 
 
-def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> RenderSummary:
+def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print, shard: Shard = ALONE,
+        merge: bool = False) -> RenderSummary:
     """Runs the render stage: the current grids -> an icons folder per map and size, skipping
     folders that are up to date.
 
@@ -283,6 +288,10 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         config: the run's config (`config.render`, `config.layers`, model, weights, preprocess).
         force: render again even what is up to date.
         log: receives one summary line per grid and one overall.
+        shard: this process's share of every grid's icons (atlas.distributed): under torchrun
+            every rank renders its blocks and rank 0 writes the folders; an independent
+            `--shard I/N` job only renders its blocks.
+        merge: render nothing; write the folders from the icons the shards left.
 
     Raises:
         AtlasError: grid.h5 missing, incomplete or stale; a CUDA device asked for but absent; a
@@ -305,7 +314,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         return RenderSummary(True, [], "", time.perf_counter() - t0)
 
     keep_freed_memory()
-    device = pick_device(r.device, "render.device")
+    device = shard.device(r.device, "render.device")
     model = load_model(config.model, config.weights, config.preprocess)
     # Channels-last runs the convolutions' forward and backward faster on the CPU (measured:
     # benchmarks/render.py) and is neutral or better on a GPU.
@@ -327,15 +336,20 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
             members = member_cosines(acts.layer(layer).acts, [grids[(m.name, size)] for m, size in keys])
             for (m, size), member_cos in zip(keys, members):
                 summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, input_size,
-                                              log))
+                                              log, shard, merge))
     for m, size in jobs:
         if (m, size) not in todo:
             summaries.append(GridIcons(m.name, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
                                        store.icons_dir(m.name, size)))
     seconds = time.perf_counter() - t0
     rendered = [s for s in summaries if not s.skipped]
-    log(f"render: {sum(s.icons for s in rendered)} icons for {len(rendered)} grid(s) in {seconds:.1f} s on "
-        f"{device} ({len(summaries) - len(rendered)} up to date)")
+    if not (shard.writes_result or merge):
+        log(f"render: {shard.describe()}: its share of {len(rendered)} grid(s) in {seconds:.1f} s on {device}; "
+            + ("rank 0 writes the icon folders" if shard.group else
+               f"when every shard has finished, run `atlas render {config.run_dir} --merge`"))
+    else:
+        log(f"render: {sum(s.icons for s in rendered)} icons for {len(rendered)} grid(s) in {seconds:.1f} s on "
+            f"{device} ({len(summaries) - len(rendered)} up to date)")
     return RenderSummary(False, summaries, str(device), seconds)
 
 
@@ -369,55 +383,74 @@ def _check_layer(network: optvis.Network, layer: str, grid: Grid, input_size: in
                          f"icon, but its grid directions have {grid.direction.shape[1]} channels")
 
 
+SHARE_JOBS = 32  # render jobs per block shared out between processes: block k belongs to shard k mod N
+
+
 def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid, member_cos: np.ndarray,
-                 input_size: int | None, log: Callable[[str], None]) -> GridIcons:
-    """Renders (or resumes) the icons of one map's grid and writes its folder."""
+                 input_size: int | None, log: Callable[[str], None], shard: Shard = ALONE,
+                 merge: bool = False) -> GridIcons:
+    """Renders (or resumes) this process's share of the icons of one map's grid, and writes its
+    folder when this process writes results (see atlas.distributed)."""
     config = store.config
     r = config.render
     layer, name = spec.layer, spec.name
     t0 = time.perf_counter()
     fp = icons_fingerprint(config, grid, layer)
     partial = store.icons_work_dir(name, grid.size)
-    prepare_work_dir(partial, fp)
+    if shard.group:
+        if shard.index == 0:
+            prepare_work_dir(partial, fp)
+        shard.barrier()
+    else:
+        prepare_work_dir(partial, fp)
     m, attempts = len(grid), r.attempts
     jobs_cell = np.repeat(np.arange(m), attempts)  # job j = (cell j // attempts, attempt j % attempts)
     jobs_attempt = np.tile(np.arange(attempts), m)
     n_jobs = len(jobs_cell)
-    images = np.zeros((n_jobs, r.icon_size, r.icon_size, 3), np.uint8)
-    objective = np.full(n_jobs, -np.inf, np.float32)
-    cosine = np.full(n_jobs, np.nan, np.float32)
-    done = np.zeros(n_jobs, bool)
-    for start, stop, part in _read_parts(partial, n_jobs, r.icon_size):
-        images[start:stop], objective[start:stop], cosine[start:stop] = part.images, part.objective, part.cosine
-        done[start:stop] = True
+    done = _read_jobs(partial, n_jobs, r.icon_size)[3]
     resumed = int(done.sum())
-    if resumed:
+    todo = [] if merge else np.flatnonzero(~done & shard_mask(n_jobs, shard))
+    if resumed and len(todo):
         log(f"render: {name} {grid.size}x{grid.size}: resuming, {resumed} of {n_jobs} attempts already rendered")
 
     # config validation asks grid.whiten for render.whiten, and a current grid was made with it
     vectors = grid.direction_whitened if r.whiten else grid.direction
     seeds = np.array([icon_seed(r.seed, grid.size, int(grid.cell[c, 0]), int(grid.cell[c, 1]), int(a))
                       for c, a in zip(jobs_cell, jobs_attempt)], dtype=object)
-    todo = np.flatnonzero(~done)
     settings = {**icon_options(r), "input_size": input_size}
-    batch_size = r.batch_size or _auto_batch_size(network, layer, vectors, settings)
+    batch_size = (r.batch_size or _auto_batch_size(network, layer, vectors, settings)) if len(todo) else 1
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    progress = _progress(m, resumed / attempts, f"render {name} {grid.size}x{grid.size}")
+    progress = _progress(len(todo) / attempts, 0, f"render {name} {grid.size}x{grid.size}")
     t_loop = time.perf_counter()
     try:
         for batch in batches:
             # Runs of consecutive jobs are stored as one part each (a batch is one run unless it
-            # straddles jobs finished by an interrupted run).
+            # straddles jobs finished by an interrupted run or owned by another shard).
             cells = jobs_cell[batch]
             result = render_batch(network, layer, vectors[cells], grid.direction[cells], list(seeds[batch]),
                                   **settings, on_step=_stepper(progress, len(batch) / (r.steps * attempts)))
-            images[batch], objective[batch], cosine[batch] = result.images, result.objective, result.cosine
             for run_jobs in _consecutive_runs(batch):
+                at = np.searchsorted(batch, run_jobs)
                 _write_part(partial, int(run_jobs[0]), int(run_jobs[-1]) + 1,
-                            IconBatch(images[run_jobs], objective[run_jobs], cosine[run_jobs]))
+                            IconBatch(result.images[at], result.objective[at], result.cosine[at]))
     finally:
         progress.close()
     loop_seconds = time.perf_counter() - t_loop
+    rendered = len(todo) / attempts
+    rate = rendered / loop_seconds if loop_seconds > 0 else 0.0
+    shard.barrier()  # under torchrun: every rank's icons of this grid are on disk
+
+    if not (shard.writes_result or merge):
+        log(f"render: {name} {grid.size}x{grid.size}: {shard.describe()}: {rendered:.0f} icons in "
+            f"{loop_seconds:.1f} s ({rate:.2f} icons/s)")
+        return GridIcons(name, grid.size, 0, False, resumed, time.perf_counter() - t0, rate, float("nan"),
+                         float("nan"), store.icons_dir(name, grid.size), written=False)
+    images, objective, cosine, done = _read_jobs(partial, n_jobs, r.icon_size)
+    if not done.all():
+        missing = np.flatnonzero(~done)
+        raise AtlasError(f"render: {name} {grid.size}x{grid.size} lacks {len(missing)} of {n_jobs} icons (job "
+                         f"{missing[0]} first; block k of {SHARE_JOBS} jobs belongs to shard k mod N of --shard "
+                         f"I/N): run those shards again, or `atlas render {config.run_dir}` to render the rest here")
 
     best = pick_best(objective, attempts)
     chosen = np.arange(m) * attempts + best
@@ -439,15 +472,19 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     icons = store.write_icons(name, grid.size, images[chosen], entries, meta)
     shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    rendered = (n_jobs - resumed) / attempts
-    summary = GridIcons(name, grid.size, m, False, resumed, seconds,
-                        rendered / loop_seconds if loop_seconds > 0 else 0.0,
-                        meta["median_cosine"], meta["median_member_cosine"], icons.folder)
-    log(f"render: {name} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s; "
+    summary = GridIcons(name, grid.size, m, False, resumed, seconds, rate, meta["median_cosine"],
+                        meta["median_member_cosine"], icons.folder)
+    log(f"render: {name} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s"
+        f"{f' on {shard.describe()}' if shard.group else ''}; "
         f"{r.icon_size} px{f' cut from {input_size} px' if input_size else ''}, {r.steps} steps, {attempts} "
         f"attempt(s)); median cosine to the cell direction: icons "
         f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; wrote {icons.folder}")
     return summary
+
+
+def shard_mask(n_jobs: int, shard: Shard) -> np.ndarray:
+    """(n_jobs,) bool: the jobs of this shard, whole blocks of SHARE_JOBS jobs (k mod N == I)."""
+    return (np.arange(n_jobs) // SHARE_JOBS) % shard.count == shard.index
 
 
 CPU_BATCH = 32  # render.batch_size = 0 on the CPU: past this, bigger batches gain little (benchmarks/render.py)
@@ -490,6 +527,20 @@ def _write_part(partial: Path, start: int, stop: int, part: IconBatch) -> None:
     with atomic_path(partial / f"part-{start:07d}-{stop:07d}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=part.images, objective=part.objective, cosine=part.cosine)
+
+
+def _read_jobs(partial: Path, n_jobs: int, icon_size: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The finished jobs in a work folder: images (n_jobs, S, S, 3) uint8, objective (n_jobs,)
+    float32 (-inf where not done), cosine (n_jobs,) float32 (NaN where not done), done (n_jobs,) bool."""
+    images = np.zeros((n_jobs, icon_size, icon_size, 3), np.uint8)
+    objective = np.full(n_jobs, -np.inf, np.float32)
+    cosine = np.full(n_jobs, np.nan, np.float32)
+    done = np.zeros(n_jobs, bool)
+    for start, stop, part in _read_parts(partial, n_jobs, icon_size):
+        images[start:stop], objective[start:stop], cosine[start:stop] = part.images, part.objective, part.cosine
+        done[start:stop] = True
+    return images, objective, cosine, done
 
 
 def _read_parts(partial: Path, n_jobs: int, icon_size: int):

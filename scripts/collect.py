@@ -2,7 +2,8 @@
 
 A thin wrapper over `atlas collect` (same arguments, same exit codes):
 
-    python scripts/collect.py CONFIG_OR_RUN [--set key=value ...] [--force]
+    python scripts/collect.py CONFIG_OR_RUN [--set key=value ...] [--force] [--shard I/N | --merge]
+    torchrun --nproc-per-node N scripts/collect.py CONFIG_OR_RUN    # N processes share the work
 """
 
 import sys

@@ -2,7 +2,8 @@
 
 A thin wrapper over `atlas render` (same arguments, same exit codes):
 
-    python scripts/render.py CONFIG_OR_RUN [--set key=value ...] [--force]
+    python scripts/render.py CONFIG_OR_RUN [--set key=value ...] [--force] [--shard I/N | --merge]
+    torchrun --nproc-per-node N scripts/render.py CONFIG_OR_RUN    # N processes share the work
 """
 
 import sys

@@ -114,12 +114,11 @@ def test_no_attribution_no_prediction_stops_early(tmp_path):
 
 
 def test_up_to_date_is_skipped_and_a_changed_config_starts_fresh(tmp_path, monkeypatch):
-    monkeypatch.setattr(collect, "IMAGES_PER_PART", 4)
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, images_per_part=4)
     collect.run(config, log=lambda s: None)
     assert collect.run(config, log=lambda s: None).skipped_up_to_date
     # An interrupted run with another seed leaves parts; a third seed must not reuse them.
-    other = make_config(tmp_path, seed=1)
+    other = make_config(tmp_path, seed=1, images_per_part=4)
     save_part = collect._Part.save
 
     def save_then_die(part, path):  # as a kill right after the first part was written
@@ -130,7 +129,7 @@ def test_up_to_date_is_skipped_and_a_changed_config_starts_fresh(tmp_path, monke
         patch.setattr(collect._Part, "save", save_then_die)
         collect.run(other, log=lambda s: None)
     assert (Run(other.run_dir, other).collect_parts_dir).exists()
-    third = make_config(tmp_path, seed=2)
+    third = make_config(tmp_path, seed=2, images_per_part=4)
     summary = collect.run(third, log=lambda s: None)
     assert summary.resumed_from == 0 and summary.samples["features"] == 30
     clean = make_config(tmp_path, name="clean", seed=2)
@@ -140,13 +139,12 @@ def test_up_to_date_is_skipped_and_a_changed_config_starts_fresh(tmp_path, monke
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
     """A subprocess is killed with SIGKILL in the middle of a batch, then the run is resumed."""
-    config = make_config(tmp_path, n_images=12, samples_per_image="all")
+    config = make_config(tmp_path, n_images=12, samples_per_image="all", images_per_part=4)
     killer = f"""
 import os, signal, sys
 sys.path.insert(0, {str(TESTS)!r})
 import atlas.collect as collect
 from atlas.config import load_config
-collect.IMAGES_PER_PART = 4
 calls = []
 original = collect.sample_batch
 def dying(*args, **kwargs):
@@ -162,14 +160,8 @@ collect.run(load_config({str(tmp_path / 'run.toml')!r}), log=print)
     parts = sorted((Run(config.run_dir, config).collect_parts_dir).glob("part-*.npz"))
     assert len(parts) == 2 and not (config.run_dir / "activations.h5").exists()
 
-    import atlas.collect as fresh
-    old = fresh.IMAGES_PER_PART
-    fresh.IMAGES_PER_PART = 4
-    try:
-        summary = fresh.run(config, log=lambda s: None)
-    finally:
-        fresh.IMAGES_PER_PART = old
-    assert summary.resumed_from == 8
+    summary = collect.run(config, log=lambda s: None)
+    assert summary.resumed_from == 8 and summary.parts_done == 1
     clean = make_config(tmp_path, name="clean", samples_per_image="all")
     collect.run(clean, log=lambda s: None)
     assert_same_file(config.run_dir / "activations.h5", clean.run_dir / "activations.h5")
