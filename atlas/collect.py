@@ -331,7 +331,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         candidates = {layer: interior_positions(shapes[layer][1], shapes[layer][2], c.border)
                       for layer in config.layers}
         _collect_parts(tap, records, model.preprocess, [(i * part_size, min((i + 1) * part_size, len(records)))
-                                                        for i in mine], candidates, config, device, parts_dir)
+                                                        for i in mine], candidates, config, device, parts_dir,
+                       show=shard.index == 0 or not shard.group)
     loop_seconds = time.perf_counter() - t_loop
     rate = n_mine / loop_seconds if loop_seconds > 0 else 0.0
     shard.barrier()  # under torchrun: every rank's parts are written
@@ -366,10 +367,11 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
 
 def _collect_parts(tap: LayerTap, records: Sequence[ImageRecord], preprocess: Preprocess,
                    spans: Sequence[tuple[int, int]], candidates: dict[str, np.ndarray], config: Config,
-                   device: torch.device, parts_dir: Path) -> None:
-    """Samples the images of each (start, stop) span and writes each span as one part file."""
+                   device: torch.device, parts_dir: Path, show: bool) -> None:
+    """Samples the images of each (start, stop) span and writes each span as one part file
+    (`show`: a progress bar on a terminal)."""
     c = config.collect
-    progress = _progress(sum(b - a for a, b in spans), 0)
+    progress = _progress(sum(b - a for a, b in spans), show)
     stops = dict(spans)
     try:
         part = None
@@ -401,10 +403,11 @@ def _missing_parts(missing: Sequence[int], n_parts: int, run_dir: Path) -> str:
             f"of --shard I/N): run those shards again, or `atlas collect {run_dir}` to compute the rest here")
 
 
-def _progress(total: int, initial: int):
+def _progress(total: int, show: bool):
+    """A progress bar on a terminal (one process of a torchrun group shows its own; the others stay quiet)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="img", desc="collect", disable=None, dynamic_ncols=True)
+    return tqdm(total=total, unit="img", desc="collect", disable=None if show else True, dynamic_ncols=True)
 
 
 def _assemble(store: Run, parts: Sequence[Path], records: Sequence[ImageRecord], stats: np.ndarray, config: Config,

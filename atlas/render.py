@@ -420,7 +420,8 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     settings = {**icon_options(r), "input_size": input_size}
     batch_size = (r.batch_size or _auto_batch_size(network, layer, vectors, settings)) if len(todo) else 1
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    progress = _progress(len(todo) / attempts, 0, f"render {name} {grid.size}x{grid.size}")
+    progress = _progress(len(todo) / attempts, f"render {name} {grid.size}x{grid.size}",
+                         show=shard.index == 0 or not shard.group)
     t_loop = time.perf_counter()
     try:
         for batch in batches:
@@ -507,10 +508,11 @@ def _auto_batch_size(network: optvis.Network, layer: str, vectors: np.ndarray, s
     return int(np.clip(0.5 * free / per_icon, 1, MAX_BATCH))
 
 
-def _progress(total: int, initial: float, desc: str):
+def _progress(total: float, desc: str, show: bool):
+    """A progress bar on a terminal (one process of a torchrun group shows its own; the others stay quiet)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="icon", desc=desc, disable=None, dynamic_ncols=True,
+    return tqdm(total=total, unit="icon", desc=desc, disable=None if show else True, dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
 
 
