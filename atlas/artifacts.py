@@ -64,6 +64,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 tmp.unlink()
 
 
+def work_dir_matches(path: str | Path, fingerprint_: str) -> bool:
+    """Whether a work folder exists and holds pieces made with this fingerprint."""
+    stamp = Path(path) / "fingerprint"
+    return stamp.is_file() and stamp.read_text().strip() == fingerprint_
+
+
 def prepare_work_dir(path: str | Path, fingerprint_: str) -> Path:
     """Makes the folder of a stage's finished pieces, keeping them only if made with this fingerprint.
 
@@ -73,11 +79,9 @@ def prepare_work_dir(path: str | Path, fingerprint_: str) -> Path:
     import shutil
 
     path = Path(path)
-    stamp = path / "fingerprint"
+    if work_dir_matches(path, fingerprint_):
+        return path
     if path.exists():
-        old = stamp.read_text().strip() if stamp.is_file() else None
-        if old == fingerprint_:
-            return path
         shutil.rmtree(path, ignore_errors=True)
     # The folder appears with its stamp in one rename: independent shard jobs starting together
     # never see a folder without a stamp (which they would take for another run's and delete).

@@ -31,14 +31,14 @@ from PIL import Image
 from torch import nn
 
 from . import __version__
-from .artifacts import atomic_path, prepare_work_dir, to_jsonable
+from .artifacts import atomic_path, prepare_work_dir, to_jsonable, work_dir_matches
 from .config import Config
 from .corpus import ImageRecord, find_images, iter_batches
+from .distributed import ALONE, Shard
 from .errors import AtlasError
 from .layer_maps import maps_to_json
 from .layers import LayerTap, map_shapes
 from .models import LoadedModel, Preprocess, load_model
-from .distributed import ALONE, Shard
 from .runtime import keep_freed_memory
 from .store import Run
 from .store.fingerprints import collect_fingerprint, image_stats
@@ -313,14 +313,18 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     parts_dir = store.collect_parts_dir
     part_size = -(-c.images_per_part // c.batch_size) * c.batch_size
     n_parts = -(-len(records) // part_size)
+    stamp = f"{fp} {part_size}"  # parts are kept for the same content and the same boundaries
+    if merge and not work_dir_matches(parts_dir, stamp):
+        raise AtlasError(f"no collect parts of this config in {parts_dir} to merge; run the --shard jobs with the "
+                         "same config (and --set options) first")
     if shard.group:
         if shard.index == 0:
-            prepare_work_dir(parts_dir, f"{fp} {part_size}")  # parts are kept for the same content and boundaries
+            prepare_work_dir(parts_dir, stamp)
         shard.barrier()
-    else:
-        prepare_work_dir(parts_dir, f"{fp} {part_size}")
+    elif not merge:
+        prepare_work_dir(parts_dir, stamp)
     done = _finished_parts(parts_dir, part_size, len(records))
-    mine = [] if merge else [i for i in range(n_parts) if shard.owns(i) and i not in set(done)]
+    mine = [] if merge else [i for i in sorted(set(range(n_parts)) - set(done)) if shard.owns(i)]
     if done and mine:
         log(f"collect: resuming; {len(done)} of {n_parts} parts ({min(len(done) * part_size, len(records))} "
             f"images) already done")

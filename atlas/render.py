@@ -42,15 +42,15 @@ import torch
 from torch import nn
 
 from . import optvis
-from .artifacts import atomic_path, prepare_work_dir
+from .artifacts import atomic_path, prepare_work_dir, work_dir_matches
 from .config import Config, RenderConfig
+from .distributed import ALONE, Shard
 from .errors import AtlasError
 from .focus import MapSpec
 from .grid import cosine_to_direction
 from .layer_maps import LayerMap, maps_from_json
 from .layers import map_shapes
 from .models import LoadedModel, fixed_input_size, load_model
-from .distributed import ALONE, Shard
 from .runtime import keep_freed_memory
 from .store import Grid, Run, icon_file
 from .store.fingerprints import icons_fingerprint
@@ -397,11 +397,14 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     t0 = time.perf_counter()
     fp = icons_fingerprint(config, grid, layer)
     partial = store.icons_work_dir(name, grid.size)
+    if merge and not work_dir_matches(partial, fp):
+        raise AtlasError(f"no icons of this config in {partial} to merge; run the --shard jobs with the same config "
+                         "(and --set options) first")
     if shard.group:
         if shard.index == 0:
             prepare_work_dir(partial, fp)
         shard.barrier()
-    else:
+    elif not merge:
         prepare_work_dir(partial, fp)
     m, attempts = len(grid), r.attempts
     jobs_cell = np.repeat(np.arange(m), attempts)  # job j = (cell j // attempts, attempt j % attempts)

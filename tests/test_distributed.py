@@ -211,6 +211,9 @@ def test_a_shard_job_leaves_the_file_to_merge(tmp_path):
     with pytest.raises(AtlasError, match="1 of 2 collect parts are missing"):
         collect.run(config, log=lambda line: None, merge=True)
     changed = dataclasses.replace(config, collect=dataclasses.replace(config.collect, seed=5))
+    with pytest.raises(AtlasError, match="no collect parts of this config"):  # a merge never throws parts away
+        collect.run(changed, log=lambda line: None, merge=True)
+    assert len(list(Run(config.run_dir, config).collect_parts_dir.glob("part-*.npz"))) == 1
     collect.run(changed, log=lambda line: None, shard=parse_shard("1/2"))  # another config: parts thrown away
     with pytest.raises(AtlasError, match="1 of 2 collect parts are missing"):
         collect.run(changed, log=lambda line: None, merge=True)
