@@ -1,0 +1,120 @@
+"""Aligning the layouts of a run's layers, so that an image's samples land in nearby places from one
+layer to the next and a region of one atlas can be followed into the next.
+
+Each layer's layout is made on its own (UMAP's axes, rotation and mirror image are arbitrary), then
+every layer after the first is moved by the similarity transform (rotation or reflection, one
+scale, a shift) that best carries each image's centroid onto that image's centroid in the layer
+before it (orthogonal Procrustes), and scaled back into [0, 1]. A similarity transform keeps every
+neighbourhood of the layout, so the layout's trustworthiness is unchanged up to that last scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+
+
+def image_centroids(xy: np.ndarray, image: np.ndarray, n_images: int) -> np.ndarray:
+    """The mean position of each image's samples.
+
+    Args:
+        xy: (n, 2) float positions.
+        image: (n,) int image index of each sample, in [0, n_images).
+        n_images: images in the run.
+
+    Returns:
+        (n_images, 2) float64; NaN for an image without samples.
+    """
+    xy = np.asarray(xy, np.float64)
+    image = np.asarray(image, np.int64)
+    sums = np.stack([np.bincount(image, weights=xy[:, k], minlength=n_images) for k in range(2)], 1)
+    counts = np.bincount(image, minlength=n_images)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Similarity:
+    """x -> scale * x @ rotation + shift: rotation (2, 2) orthogonal (a reflection when its
+    determinant is -1), scale > 0, shift (2,)."""
+
+    rotation: np.ndarray
+    scale: float
+    shift: np.ndarray
+
+    def __call__(self, xy: np.ndarray) -> np.ndarray:
+        return self.scale * np.asarray(xy, np.float64) @ self.rotation + self.shift
+
+    @property
+    def reflects(self) -> bool:
+        return bool(np.linalg.det(self.rotation) < 0)
+
+
+def fit_similarity(source: np.ndarray, target: np.ndarray) -> Similarity:
+    """The similarity transform (reflection allowed) that minimises the squared distances from the
+    moved source points to the target points (orthogonal Procrustes, by SVD).
+
+    Args:
+        source, target: (m, 2) float matched points; rows with NaN in either are left out.
+
+    Raises:
+        ValueError: fewer than 3 matched points, or all source points the same.
+    """
+    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
+    keep = np.isfinite(source).all(1) & np.isfinite(target).all(1)
+    a, b = source[keep], target[keep]
+    if len(a) < 3:
+        raise ValueError(f"aligning needs at least 3 images with samples in both layouts, got {len(a)}")
+    ma, mb = a.mean(0), b.mean(0)
+    a0, b0 = a - ma, b - mb
+    spread = float((a0 ** 2).sum())
+    if spread == 0:
+        raise ValueError("every source point is the same; there is nothing to align")
+    u, sigma, vt = np.linalg.svd(a0.T @ b0)
+    rotation = u @ vt
+    scale = float(sigma.sum() / spread)
+    return Similarity(rotation, scale, mb - scale * ma @ rotation)
+
+
+def rescale_unit(xy: np.ndarray) -> np.ndarray:
+    """Scales each axis to [0, 1] (min to 0, max to 1; an axis without spread to 0.5), float32."""
+    xy = np.asarray(xy, np.float64)
+    low, width = xy.min(0), np.ptp(xy, 0)
+    out = np.full_like(xy, 0.5)
+    spread = width > 0
+    out[:, spread] = (xy[:, spread] - low[spread]) / width[spread]
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def align_layouts(layouts: Sequence[np.ndarray], images: Sequence[np.ndarray], n_images: int
+                  ) -> tuple[list[np.ndarray], list[Similarity | None]]:
+    """Aligns each layout to the (aligned) one before it on the images' centroids.
+
+    Args:
+        layouts: per layer (n_l, 2) float positions in [0, 1].
+        images: per layer (n_l,) int image index of each sample.
+        n_images: images in the run.
+
+    Returns:
+        The aligned (n_l, 2) float32 layouts in [0, 1] (the first unchanged), and per layer the
+        transform applied (None for the first).
+    """
+    aligned = [np.asarray(layouts[0], np.float32)] if len(layouts) else []
+    moves: list[Similarity | None] = [None] if len(layouts) else []
+    for xy, image, previous, previous_image in zip(layouts[1:], images[1:], aligned, images):
+        move = fit_similarity(image_centroids(xy, image, n_images), image_centroids(previous, previous_image, n_images))
+        aligned.append(rescale_unit(move(xy)))
+        moves.append(move)
+    return aligned, moves
+
+
+def centroid_distance(xy_a: np.ndarray, image_a: np.ndarray, xy_b: np.ndarray, image_b: np.ndarray,
+                      n_images: int) -> float:
+    """The median over images (with samples in both) of the distance between the image's centroids
+    in two layouts, in [0, 1] map units; NaN when no image is in both."""
+    gap = np.linalg.norm(image_centroids(xy_a, image_a, n_images) - image_centroids(xy_b, image_b, n_images), axis=1)
+    gap = gap[np.isfinite(gap)]
+    return float(np.median(gap)) if len(gap) else float("nan")
