@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .blocks import sum_by_cell
+from .blocks import iter_blocks, sum_by_cell
 
 KNN_BLOCK_BYTES = 1 << 26  # similarity rows computed at a time: 64 MiB of float32
 
@@ -33,45 +33,84 @@ def image_embeddings(acts: Any, image: np.ndarray, images: np.ndarray) -> np.nda
 
     Returns:
         (m, C) float32 with unit rows; a zero row for an image without samples (or a zero mean).
+        Besides it, memory holds one block of activations: each block's sums are taken in float64
+        and added to the float32 result (collect writes an image's samples together, so nearly every
+        image's sum is rounded to float32 once).
     """
     image = np.asarray(image, np.int64)
     images = np.asarray(images, np.int64)
     slot = np.full(max(int(image.max(initial=-1)), int(images.max(initial=-1))) + 1, -1, np.int64)
     slot[images] = np.arange(len(images))
+    cells = slot[image]
     # The sum has the direction of the mean, and the direction is all that is kept.
-    sums = sum_by_cell(acts, [slot[image]], [len(images)])[0]
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0).astype(np.float32)
+    sums = np.zeros((len(images), acts.shape[1]), np.float32)
+    for start, block in iter_blocks(acts):
+        part = cells[start:start + len(block)]
+        present, local = np.unique(part, return_inverse=True)
+        skip = int(present[0] < 0) if len(present) else 0  # -1 (no listed image) sorts first
+        local = np.where(part >= 0, local.reshape(-1) - skip, -1)
+        sums[present[skip:]] += sum_by_cell(block, [local], [len(present) - skip])[0]
+    rows = max(1, KNN_BLOCK_BYTES // (8 * max(1, sums.shape[1])))
+    for a in range(0, len(sums), rows):
+        part = sums[a:a + rows]
+        norms = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64))[:, None]
+        np.divide(part, norms, out=part, where=norms > 0)
+    return sums
 
 
-def nearest_neighbors(x: np.ndarray, k: int) -> np.ndarray:
-    """The k rows most similar (cosine) to each row, the row itself excluded.
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """x with every row scaled to length 1 (zero rows stay zero), as float32; x itself when it already is."""
+    x = np.asarray(x, np.float32)
+    if x.size == 0:
+        return x
+    rows = max(1, KNN_BLOCK_BYTES // (8 * x.shape[1]))
+    norms = np.concatenate([np.sqrt(np.einsum("ij,ij->i", x[a:a + rows], x[a:a + rows], dtype=np.float64))
+                            for a in range(0, len(x), rows)])
+    if np.all((np.abs(norms - 1) < 1e-5) | (norms == 0)):
+        return x  # image_embeddings' rows: no copy of what may be the largest array in memory
+    return np.divide(x, norms[:, None], out=np.zeros_like(x), where=norms[:, None] > 0)
 
-    Similarities are computed a block of rows at a time (KNN_BLOCK_BYTES), so memory stays bounded
-    while the cost is O(n^2 C).
+
+def _check_k(n: int, k: int) -> None:
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
+
+
+def _exact_rows(unit: np.ndarray, queries: np.ndarray | None, k: int, block_bytes: int = KNN_BLOCK_BYTES
+                ) -> np.ndarray:
+    """The exact k nearest rows (cosine) of the rows `queries` (None: all) of unit-row x, each row
+    itself excluded: (len(queries), k) int64. Similarities are computed a block of query rows at a time."""
+    n = len(unit)
+    m = n if queries is None else len(queries)
+    out = np.empty((m, k), np.int64)
+    rows = max(1, block_bytes // (4 * n))
+    for a in range(0, m, rows):
+        ids = np.arange(a, min(a + rows, m)) if queries is None else np.asarray(queries[a:a + rows], np.int64)
+        sim = (unit[a:a + rows] if queries is None else unit[ids]) @ unit.T
+        sim[np.arange(len(ids)), ids] = -np.inf
+        np.negative(sim, out=sim)  # in place: the k largest are the k smallest of its negative
+        out[a:a + len(ids)] = np.argpartition(sim, k - 1, axis=1)[:, :k]
+    return out
+
+
+def nearest_neighbors(x: np.ndarray, k: int, block_bytes: int = KNN_BLOCK_BYTES) -> np.ndarray:
+    """The exact k rows most similar (cosine) to each row, the row itself excluded.
+
+    Similarities are computed a block of rows at a time (`block_bytes` of float32 similarities, at
+    least one row), so memory stays bounded while the cost is O(n^2 C).
 
     Args:
         x: (n, C) float; zero rows have cosine 0 with everything.
         k: 1 <= k <= n - 1.
+        block_bytes: the size of one block of similarities.
 
     Returns:
         (n, k) int64 row indices, in no particular order. Which of several rows tied for the k-th
         place is kept is unspecified, but the same for the same input.
     """
-    x = np.asarray(x, np.float32)
-    n = len(x)
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    out = np.empty((n, k), np.int64)
-    rows = max(1, KNN_BLOCK_BYTES // (4 * n))
-    for a in range(0, n, rows):
-        sim = unit[a:a + rows] @ unit.T
-        b = a + len(sim)
-        sim[np.arange(b - a), np.arange(a, b)] = -np.inf
-        out[a:b] = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    return out
+    unit = unit_rows(x)
+    _check_k(len(unit), k)
+    return _exact_rows(unit, None, k, block_bytes)
 
 
 def shared_neighbor_fraction(knn_a: np.ndarray, knn_b: np.ndarray) -> float:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from toy_runs import toy_clusters, toy_config, write_activations, write_icons, write_layout
 
+from atlas import blocks
 from atlas import grid as grid_mod
 from atlas.cli import build_parser
 from atlas.compare import compare_runs, mean_or_nan, sample_top_classes, top_class_shares
@@ -72,6 +73,32 @@ def test_image_embeddings_are_unit_means():
     np.testing.assert_allclose(emb[0], np.array([3, 6]) / np.sqrt(45), rtol=1e-6)  # mean (1, 2), normalised
     np.testing.assert_allclose(emb[1], [1, 0])
     assert (emb[2] == 0).all()  # image 5 has no samples
+
+
+def test_image_embeddings_across_blocks(monkeypatch):
+    rng = np.random.default_rng(3)
+    acts = rng.random((50, 4)).astype(np.float16)
+    image = rng.integers(0, 9, 50)  # an image's samples spread over several blocks
+    listed = np.array([7, 2, 0, 5, 8])  # samples of images 1, 3, 4, 6 belong to no listed image
+    expected = np.stack([acts[image == i].astype(np.float64).sum(axis=0) for i in listed])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 4 * 3)  # 3 rows a block
+    np.testing.assert_allclose(image_embeddings(acts, image, listed), expected, rtol=1e-6)
+
+
+def _full_matrix_neighbors(x, k):
+    """The reference k-NN: the whole (n, n) cosine matrix in float64, sorted."""
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 150 * 7, 1 << 26])  # 1 row, 7 rows (uneven last block), all
+def test_blocked_exact_equals_full_matrix(block_bytes):
+    x = np.random.default_rng(2).standard_normal((150, 6)).astype(np.float32)  # no ties
+    for k in (1, 7, 149):
+        assert _sets(nearest_neighbors(x, k, block_bytes)) == _sets(_full_matrix_neighbors(x, k))
 
 
 def test_nearest_neighbors_hand_case():
