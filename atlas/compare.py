@@ -187,23 +187,31 @@ def _panel_figures(run: _Opened, layer: str, size: int, label: str) -> PanelFigu
                         int(grid.indptr[-1]), float(info.get("trustworthiness", float("nan"))), share)
 
 
-def _common_images(runs: Sequence[_Opened], layers: Sequence[Sequence[str]]) -> tuple[list[str], list[np.ndarray]]:
-    """The paths of the images ok in every run and sampled in every compared layer (sorted), and per run
-    their rows of the run's images."""
-    rows_by_path = []
+def _common_images(runs: Sequence[_Opened], layers: Sequence[Sequence[str]]) -> tuple[int, list[np.ndarray]]:
+    """How many images are ok in every run and sampled in every compared layer, and per run their rows
+    of the run's images, in the order of their paths.
+
+    Paths stay one numpy object array per run (no dict or list of them), since a run may hold millions."""
+    keys, kept = [], []
     for run, names in zip(runs, layers):
         with run.store.activations("mosaic") as acts:
             paths = acts.images.path
             ok = acts.images.status == "ok"
             for layer in names:
                 ok &= np.bincount(acts.layer(layer).image, minlength=len(paths))[:len(paths)] > 0
-        rows_by_path.append({str(p): i for i, p in enumerate(paths) if ok[i]})
-    common = sorted(set(rows_by_path[0]).intersection(*rows_by_path[1:]))
-    if not common and len(runs) > 1:
+        kept.append(np.flatnonzero(ok))
+        keys.append(paths[kept[-1]])
+    common = keys[0]
+    for other in keys[1:]:
+        common = np.intersect1d(common, other, assume_unique=True)
+    if not len(common) and len(runs) > 1:
         raise AtlasError(f"runs {', '.join(run.arg for run in runs)} have no images in common (images are matched "
                          "by their path under `images` and must be ok in every run); compare runs made over the "
                          "same images")
-    return common, [np.array([rows[p] for p in common], np.int64) for rows in rows_by_path]
+    # Sorted by path, so row j is the same image in every run.
+    rows = [rows[np.intersect1d(common, key, assume_unique=True, return_indices=True)[2]].astype(np.int64)
+            for key, rows in zip(keys, kept)]
+    return len(common), rows
 
 
 def _neighbors(run: _Opened, layer: str, rows: np.ndarray, k: int) -> np.ndarray | None:
@@ -255,8 +263,8 @@ def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None
     size = _pick_grid(opened, picked, grid)
     several = len(opened) > 1
     panels, knns = [], []
-    paths, rows = _common_images(opened, picked)
-    k = effective_neighbors(len(paths), neighbors)
+    n_images, rows = _common_images(opened, picked)
+    k = effective_neighbors(n_images, neighbors)
     for run, names, image_rows in zip(opened, picked, rows):
         for layer in names:
             label = f"{run.store.root.name}: {layer}" if several else layer
@@ -264,7 +272,7 @@ def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None
             knns.append(_neighbors(run, layer, image_rows, k))
     shared = shared_neighbor_matrix(knns)
     png = Path(out) if out is not None else opened[0].store.compare_path(size)
-    result = Comparison(panels, size, neighbors, k, len(paths), shared, png, png.with_suffix(".json"))
+    result = Comparison(panels, size, neighbors, k, n_images, shared, png, png.with_suffix(".json"))
     _write_figure(result)
     _write_json(result, [str(run.store.root) for run in opened])
     for line in _table(result):

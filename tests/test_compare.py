@@ -13,7 +13,7 @@ from toy_runs import toy_clusters, toy_config, write_activations, write_icons, w
 from atlas import blocks
 from atlas import grid as grid_mod
 from atlas.cli import build_parser
-from atlas.compare import compare_runs, mean_or_nan, sample_top_classes, top_class_shares
+from atlas.compare import _common_images, _Opened, compare_runs, mean_or_nan, sample_top_classes, top_class_shares
 from atlas.compare_figure import GUTTER_PX, MARGIN, PANEL_PX, compose_figure, figure_boxes
 from atlas.config import save_config
 from atlas.errors import AtlasError
@@ -269,6 +269,21 @@ def test_two_runs_match_images_by_path(toy_run, tmp_path, capsys):
     assert [p["mean_top_class_share"] for p in info["panels"]] == [0.9375, 1.0, None, None]
     assert "lowered" not in capsys.readouterr().out.splitlines()[0]
     assert _panel_colour(out, 4, 2) == RED and _panel_colour(out, 4, 3) == BLUE
+
+
+def test_common_images_match_paths_across_runs(tmp_path):
+    acts = np.ones((6, 2), np.float32)
+    opened = []
+    for name, paths, status in (("a", ["p0", "p1", "p2", "p3", "p4", "p5"], "ok"),
+                                ("b", ["p1", "p3", "p4", "p5", "p9", "pa"], "ok")):
+        run_dir = tmp_path / name
+        config = toy_config(run_dir, layers=("blocks.1",))
+        write_activations(run_dir, {"blocks.1": acts}, n_images=6, paths=paths, config=config)
+        opened.append(_Opened(name, Run(run_dir, config)))
+    with h5py.File(tmp_path / "b" / "activations.h5", "r+") as h5:
+        h5["images/status"][2] = "unreadable"  # p4
+    n, rows = _common_images(opened, [["blocks.1"], ["blocks.1"]])
+    assert n == 3 and rows[0].tolist() == [1, 3, 5] and rows[1].tolist() == [0, 1, 3]  # p1, p3, p5 in both
 
 
 def test_parser(toy_run, tmp_path, capsys):
