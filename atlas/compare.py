@@ -15,7 +15,14 @@ top attributed class is the cell's top class, averaged over cells; 1 when every 
 Between consecutive panels: the shared-neighbour fraction (atlas.neighbors), how much the
 neighbourhoods of the same images change from one panel to the next. Images are matched between
 runs by their path; only images that are ok and sampled in every panel count. With fewer than
-K + 1 such images K is lowered to n - 1 (recorded); with fewer than 2 the fractions are NaN.
+K + 1 such images K is lowered to n - 1 (recorded); with fewer than 2 the fractions are NaN. Up to
+`atlas.neighbors.EXACT_MAX_IMAGES` images the neighbours are exact; above, they come from
+nearest-neighbour descent, and the figure and JSON say so with each panel's measured recall. A
+single panel has no neighbours to share, so none are searched.
+
+Memory: activations and attributions are read a block at a time; what is held whole is per
+image or per cell (the images' paths, one (images, C) float32 embedding and each panel's (images,
+K) neighbours), never per sample and channel.
 
 Layers are only ever the names listed in a run's config (or `layers`), never discovered from the
 files, so focus maps do not become panels.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +43,8 @@ from PIL import Image
 from .compare_figure import PanelFigures, compose_figure, number, panel_caption
 from .errors import AtlasError, unknown_name
 from .focus import class_scores
-from .neighbors import effective_neighbors, image_embeddings, nearest_neighbors, shared_neighbor_matrix
+from .neighbors import EXACT_MAX_IMAGES, KNN_SEED, Neighbors, effective_neighbors, find_neighbors, image_embeddings, \
+    shared_neighbor_matrix
 from .store import Run, write_image, write_json
 
 NEIGHBORS = 10  # default K
@@ -187,32 +196,38 @@ def _panel_figures(run: _Opened, layer: str, size: int, label: str) -> PanelFigu
                         int(grid.indptr[-1]), float(info.get("trustworthiness", float("nan"))), share)
 
 
-def _common_images(runs: Sequence[_Opened], layers: Sequence[Sequence[str]]) -> tuple[list[str], list[np.ndarray]]:
-    """The paths of the images ok in every run and sampled in every compared layer (sorted), and per run
-    their rows of the run's images."""
-    rows_by_path = []
+def _common_images(runs: Sequence[_Opened], layers: Sequence[Sequence[str]]) -> tuple[int, list[np.ndarray]]:
+    """How many images are ok in every run and sampled in every compared layer, and per run their rows
+    of the run's images, in the order of their paths.
+
+    Paths stay one numpy object array per run (no dict or list of them), since a run may hold millions."""
+    keys, kept = [], []
     for run, names in zip(runs, layers):
         with run.store.activations("mosaic") as acts:
             paths = acts.images.path
             ok = acts.images.status == "ok"
             for layer in names:
                 ok &= np.bincount(acts.layer(layer).image, minlength=len(paths))[:len(paths)] > 0
-        rows_by_path.append({str(p): i for i, p in enumerate(paths) if ok[i]})
-    common = sorted(set(rows_by_path[0]).intersection(*rows_by_path[1:]))
-    if not common and len(runs) > 1:
+        kept.append(np.flatnonzero(ok))
+        keys.append(paths[kept[-1]])
+    common = keys[0]
+    for other in keys[1:]:
+        common = np.intersect1d(common, other, assume_unique=True)
+    if not len(common) and len(runs) > 1:
         raise AtlasError(f"runs {', '.join(run.arg for run in runs)} have no images in common (images are matched "
                          "by their path under `images` and must be ok in every run); compare runs made over the "
                          "same images")
-    return common, [np.array([rows[p] for p in common], np.int64) for rows in rows_by_path]
+    # Sorted by path, so row j is the same image in every run.
+    rows = [rows[np.intersect1d(common, key, assume_unique=True, return_indices=True)[2]].astype(np.int64)
+            for key, rows in zip(keys, kept)]
+    return len(common), rows
 
 
-def _neighbors(run: _Opened, layer: str, rows: np.ndarray, k: int) -> np.ndarray | None:
-    if k < 1:
-        return None
+def _neighbors(run: _Opened, layer: str, rows: np.ndarray, k: int) -> Neighbors:
     with run.store.activations("mosaic") as acts:
         samples = acts.layer(layer)
         embedding = image_embeddings(samples.acts, samples.image, rows)
-    return nearest_neighbors(embedding, k)
+    return find_neighbors(embedding, k, exact_max=EXACT_MAX_IMAGES)
 
 
 @dataclasses.dataclass
@@ -224,6 +239,9 @@ class Comparison:
     neighbors: int  # K asked for
     neighbors_used: int  # K used (lowered to images - 1 when there are fewer images; 0 below 2)
     images: int  # images common to every panel
+    knn_method: str | None  # "exact" or "nn-descent"; None when no neighbours were searched (one panel, K = 0)
+    knn_recall: list[float]  # per panel, the share of the exact neighbours found (1.0 exact; NaN: not searched)
+    knn_recall_rows: int  # images the recall was measured on (all of them when exact)
     shared: np.ndarray  # (P, P) float64 shared-neighbour fractions
     png: Path
     json: Path
@@ -254,17 +272,29 @@ def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None
     picked = _pick_layers(opened, layers, log)
     size = _pick_grid(opened, picked, grid)
     several = len(opened) > 1
-    panels, knns = [], []
-    paths, rows = _common_images(opened, picked)
-    k = effective_neighbors(len(paths), neighbors)
+    panels, found = [], []
+    n_images, rows = _common_images(opened, picked)
+    k = effective_neighbors(n_images, neighbors)
+    search = k >= 1 and sum(map(len, picked)) > 1
     for run, names, image_rows in zip(opened, picked, rows):
         for layer in names:
             label = f"{run.store.root.name}: {layer}" if several else layer
             panels.append(_panel_figures(run, layer, size, label))
-            knns.append(_neighbors(run, layer, image_rows, k))
-    shared = shared_neighbor_matrix(knns)
+            t_knn = time.perf_counter()
+            found.append(_neighbors(run, layer, image_rows, k) if search else None)
+            if found[-1] is not None and found[-1].method != "exact":  # minutes on big runs: say what took them
+                log(f"compare: {label}: the {k} nearest of {n_images} images by nearest-neighbour descent in "
+                    f"{time.perf_counter() - t_knn:.0f} s; recall {found[-1].recall:.3f} on {found[-1].recall_rows} "
+                    "images")
+    if search:
+        shared = shared_neighbor_matrix([f.index if f is not None else None for f in found])
+    else:  # one panel shares all of its neighbours with itself
+        shared = np.full((len(panels), len(panels)), 1.0 if k >= 1 else np.nan)
     png = Path(out) if out is not None else opened[0].store.compare_path(size)
-    result = Comparison(panels, size, neighbors, k, len(paths), shared, png, png.with_suffix(".json"))
+    first = next((f for f in found if f is not None), None)
+    result = Comparison(panels, size, neighbors, k, n_images, first.method if first else None,
+                        [f.recall if f is not None else float("nan") for f in found],
+                        first.recall_rows if first else 0, shared, png, png.with_suffix(".json"))
     _write_figure(result)
     _write_json(result, [str(run.store.root) for run in opened])
     for line in _table(result):
@@ -290,7 +320,15 @@ def _header(result: Comparison) -> list[str]:
         lowered = f" (lowered from {result.neighbors}: only {n} images)" if k < result.neighbors else ""
         lines.append(f"shared neighbours: the fraction of each image's {k} nearest images{lowered} (by cosine of "
                      f"its mean activation, over {n} images) that two panels share; chance {number(_chance(result))}")
+        if result.knn_method == "nn-descent":
+            lines.append(_approximate_note(result))
     return lines
+
+
+def _approximate_note(result: Comparison) -> str:
+    """The line that says the neighbours are approximate, with the worst panel's measured recall."""
+    return (f"neighbours by nearest-neighbour descent (more than {EXACT_MAX_IMAGES} images): recall "
+            f"{number(min(result.knn_recall))} or better against exact, on {result.knn_recall_rows} sampled images")
 
 
 def _write_figure(result: Comparison) -> None:
@@ -317,6 +355,9 @@ def _write_json(result: Comparison, runs: Sequence[str]) -> None:
     info = {
         "runs": runs, "grid": result.grid, "neighbors": result.neighbors, "neighbors_used": result.neighbors_used,
         "images": result.images, "chance": _finite_or_none(_chance(result)), "panels": panels,
+        "knn": {"method": result.knn_method, "exact_max_images": EXACT_MAX_IMAGES, "seed": KNN_SEED,
+                "recall_rows": result.knn_recall_rows,
+                "recall": [_finite_or_none(v) for v in result.knn_recall]},  # per panel, in panel order
         "shared_neighbors": {"labels": labels,
                              "matrix": [[_finite_or_none(v) for v in row] for row in result.shared]},
         "consecutive": [{"from": labels[i], "to": labels[i + 1], "fraction": _finite_or_none(v)}
@@ -343,6 +384,8 @@ def _table(result: Comparison) -> list[str]:
                      f"chance {number(_chance(result))}):")
         lines += [f"  {a.label} -> {b.label}: {number(v)}"
                   for a, b, v in zip(result.panels, result.panels[1:], links)]
+        if result.knn_method == "nn-descent":
+            lines.append(f"  ({_approximate_note(result)})")
     return lines
 
 

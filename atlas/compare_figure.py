@@ -22,7 +22,7 @@ TITLE_PX = 30  # band above a panel's image for its title
 TEXT_FONT_PX = 15
 LINE_PX = 20  # caption line spacing
 CAPTION_LINES = 5
-HEADER_MAX_LINES = 3  # the header is wrapped to the figure's width, then cut
+HEADER_MAX_LINES = 4  # the header is wrapped to the figure's width, then cut
 
 
 # ---------------------------------------------------------------------------------------------

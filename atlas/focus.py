@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .blocks import iter_blocks
 from .errors import AtlasError
 
 PAIR_PERCENTILE = 99.0  # the two-class axis is scaled so this percentile of |attr[b] - attr[a]| is 1
@@ -118,12 +119,14 @@ def plan_maps(layers: Sequence[str], classes: Sequence[str], pairs: Sequence[Seq
 # Pure core
 
 
-def class_scores(attr: Any, columns: Sequence[int], rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+def class_scores(attr: Any, columns: Sequence[int], rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's top attributed class and its attribution to some classes, in one pass.
 
     Args:
         attr: (n, n_classes) float16/float32 array or h5py dataset, read `rows` at a time.
         columns: the classes whose attribution is returned.
+        rows: rows per read; None = about 64 MiB of float32 (`atlas.blocks.block_rows`), so memory
+            does not grow with n or with the number of classes (1,000 classes: 16,384 rows).
 
     Returns:
         top: (n,) int64, the argmax over classes of each row (ties: the lowest class index).
@@ -132,8 +135,7 @@ def class_scores(attr: Any, columns: Sequence[int], rows: int = 65_536) -> tuple
     n = len(attr)
     top = np.empty(n, np.int64)
     scores = np.empty((n, len(columns)), np.float32)
-    for start in range(0, n, rows):
-        block = np.asarray(attr[start:start + rows], dtype=np.float32)
+    for start, block in iter_blocks(attr, rows):
         top[start:start + len(block)] = block.argmax(axis=1)
         scores[start:start + len(block)] = block[:, list(columns)]
     return top, scores

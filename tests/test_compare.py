@@ -10,15 +10,17 @@ import pytest
 from PIL import Image
 from toy_runs import toy_clusters, toy_config, write_activations, write_icons, write_layout
 
+from atlas import blocks
+from atlas import compare as compare_mod
 from atlas import grid as grid_mod
 from atlas.cli import build_parser
-from atlas.compare import compare_runs, mean_or_nan, sample_top_classes, top_class_shares
+from atlas.compare import _common_images, _Opened, compare_runs, mean_or_nan, sample_top_classes, top_class_shares
 from atlas.compare_figure import GUTTER_PX, MARGIN, PANEL_PX, compose_figure, figure_boxes
 from atlas.config import save_config
 from atlas.errors import AtlasError
 from atlas.focus import MapSpec, class_scores
-from atlas.neighbors import (effective_neighbors, image_embeddings, nearest_neighbors, shared_neighbor_fraction,
-                             shared_neighbor_matrix)
+from atlas.neighbors import (approximate_neighbors, effective_neighbors, find_neighbors, image_embeddings,
+                             nearest_neighbors, neighbor_recall, shared_neighbor_fraction, shared_neighbor_matrix)
 from atlas.store import Run
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
@@ -74,6 +76,32 @@ def test_image_embeddings_are_unit_means():
     assert (emb[2] == 0).all()  # image 5 has no samples
 
 
+def test_image_embeddings_across_blocks(monkeypatch):
+    rng = np.random.default_rng(3)
+    acts = rng.random((50, 4)).astype(np.float16)
+    image = rng.integers(0, 9, 50)  # an image's samples spread over several blocks
+    listed = np.array([7, 2, 0, 5, 8])  # samples of images 1, 3, 4, 6 belong to no listed image
+    expected = np.stack([acts[image == i].astype(np.float64).sum(axis=0) for i in listed])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 4 * 3)  # 3 rows a block
+    np.testing.assert_allclose(image_embeddings(acts, image, listed), expected, rtol=1e-6)
+
+
+def _full_matrix_neighbors(x, k):
+    """The reference k-NN: the whole (n, n) cosine matrix in float64, sorted."""
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 150 * 7, 1 << 26])  # 1 row, 7 rows (uneven last block), all
+def test_blocked_exact_equals_full_matrix(block_bytes):
+    x = np.random.default_rng(2).standard_normal((150, 6)).astype(np.float32)  # no ties
+    for k in (1, 7, 149):
+        assert _sets(nearest_neighbors(x, k, block_bytes)) == _sets(_full_matrix_neighbors(x, k))
+
+
 def test_nearest_neighbors_hand_case():
     a = _angles([0, 10, 90, 100])
     assert nearest_neighbors(a, 1).ravel().tolist() == [1, 0, 3, 2]
@@ -102,6 +130,52 @@ def test_identical_layers_share_all_random_ones_few():
     other = nearest_neighbors(rng.standard_normal((200, 8)).astype(np.float32), 10)
     assert shared_neighbor_fraction(knn, other) < 0.2  # chance is 10 / 199 = 0.05
     assert shared_neighbor_fraction(nearest_neighbors(x, 199), nearest_neighbors(-x, 199)) == 1.0  # k = n - 1
+
+
+def test_find_neighbors_is_exact_up_to_the_threshold():
+    x = np.random.default_rng(4).standard_normal((60, 5)).astype(np.float32)
+    found = find_neighbors(x, 4, exact_max=60)
+    assert (found.method, found.recall, found.recall_rows) == ("exact", 1.0, 60)
+    assert _sets(found.index) == _sets(_full_matrix_neighbors(x, 4))
+
+
+def test_approximate_neighbors_keeps_k_others_and_fills_short_rows(monkeypatch):
+    import pynndescent
+
+    seen = {}
+
+    class Descent:  # the graph pynndescent might return: sorted by distance, self anywhere, -1 when missing
+        def __init__(self, data, **kwargs):
+            seen.update(kwargs, rows=len(data))
+            self.neighbor_graph = (np.array([[0, 1, 5], [2, 1, 0], [-1, 2, -1], [3, 4, 2], [4, -1, 3], [5, 4, 0]]),
+                                   None)
+
+    monkeypatch.setattr(pynndescent, "NNDescent", Descent)
+    x = _angles([0, 10, 30, 100, 110, 350])
+    knn = approximate_neighbors(x, 2, seed=7, degree=3)
+    assert seen == {"metric": "cosine", "n_neighbors": 3, "random_state": 7, "n_jobs": 1, "verbose": False,
+                    "rows": 6}
+    assert knn[[0, 1, 3, 5]].tolist() == [[1, 5], [2, 0], [4, 2], [4, 0]]
+    assert _sets(knn[[2, 4]]) == [{1, 0}, {3, 2}]  # rows left short by the descent: their exact neighbours
+
+
+# The descent's first use in a process compiles pynndescent with numba: 20-50 s on 2 shared cores.
+@pytest.mark.slow
+def test_approximate_neighbors_against_exact():
+    x, _ = toy_clusters(3000, 16, 30, seed=5, spread=0.3)
+    exact = _full_matrix_neighbors(x, 10)
+    approx = approximate_neighbors(x, 10)
+    assert approx.shape == (3000, 10) and approx.dtype == np.int64
+    assert all(len(set(row)) == 10 and i not in row for i, row in enumerate(approx.tolist()))
+    recall = shared_neighbor_fraction(approx, exact)
+    assert recall > 0.95
+    np.testing.assert_array_equal(approximate_neighbors(x, 10), approx)  # seeded: the same every time
+    estimate, rows = neighbor_recall(x, approx, rows=500)
+    assert rows == 500 and abs(estimate - recall) < 0.03
+    assert neighbor_recall(x, exact, rows=500)[0] == 1.0
+    found = find_neighbors(x, 10, exact_max=2999, recall_rows=500)
+    assert found.method == "nn-descent" and found.recall == estimate and found.recall_rows == 500
+    np.testing.assert_array_equal(found.index, approx)
 
 
 def test_shared_neighbor_matrix():
@@ -186,7 +260,7 @@ def _copy(run_dir, dest):
 
 def _panel_colour(png, n_panels, k):
     figure = np.asarray(Image.open(png).convert("RGB"))
-    lines = next(h for h in (1, 2, 3) if figure_boxes(n_panels, h)[0] == figure.shape[:2])
+    lines = next(h for h in (1, 2, 3, 4) if figure_boxes(n_panels, h)[0] == figure.shape[:2])
     left, top, right, bottom = figure_boxes(n_panels, lines)[1][k]
     return tuple(int(v) for v in figure[(top + bottom) // 2, (left + right) // 2])
 
@@ -205,6 +279,8 @@ def test_compare_one_run(toy_run, tmp_path, capsys):
     assert p1["mean_top_class_share"] == 0.9375 and p2["mean_top_class_share"] == 1.0  # (18/24 + 3) / 4
     assert info["shared_neighbors"]["matrix"] == [[1.0, 1.0], [1.0, 1.0]]  # doubled acts: same neighbours
     assert info["consecutive"] == [{"from": "blocks.1", "to": "blocks.2", "fraction": 1.0}]
+    assert info["knn"] == {"method": "exact", "exact_max_images": 50_000, "seed": 0, "recall_rows": 12,
+                           "recall": [1.0, 1.0]}
     assert result.shared.shape == (2, 2)
     assert _panel_colour(out, 2, 0) == RED and _panel_colour(out, 2, 1) == BLUE
     text = capsys.readouterr().out
@@ -223,6 +299,7 @@ def test_grid_and_layers_options(toy_run, tmp_path):
     result = compare_runs([toy_run], layers=["blocks.1"], grid=2, out=out, log=lambda s: None)
     assert [p.label for p in result.panels] == ["blocks.1"] and result.panels[0].image.endswith("atlas-2.png")
     assert _panel_colour(out, 1, 0) == GREEN
+    assert result.knn_method is None and result.shared.tolist() == [[1.0]]  # one panel: no neighbours searched
     order = compare_runs([toy_run], layers=["blocks.2", "blocks.1"], out=tmp_path / "o.png", log=lambda s: None)
     assert [p.layer for p in order.panels] == ["blocks.2", "blocks.1"]
 
@@ -242,6 +319,35 @@ def test_two_runs_match_images_by_path(toy_run, tmp_path, capsys):
     assert [p["mean_top_class_share"] for p in info["panels"]] == [0.9375, 1.0, None, None]
     assert "lowered" not in capsys.readouterr().out.splitlines()[0]
     assert _panel_colour(out, 4, 2) == RED and _panel_colour(out, 4, 3) == BLUE
+
+
+@pytest.mark.slow  # the descent's numba JIT: 20-50 s on first use in a process
+def test_compare_above_the_threshold_uses_descent(toy_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare_mod, "EXACT_MAX_IMAGES", 5)  # the toy run's 12 images count as many
+    out = tmp_path / "approx.png"
+    result = compare_runs([toy_run], neighbors=2, out=out)
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["knn"] == {"method": "nn-descent", "exact_max_images": 5, "seed": 0, "recall_rows": 12,
+                           "recall": [1.0, 1.0]}  # 12 images: the descent finds them all
+    assert info["shared_neighbors"]["matrix"] == [[1.0, 1.0], [1.0, 1.0]]
+    text = capsys.readouterr().out
+    assert "nearest-neighbour descent (more than 5 images): recall 1.000 or better" in text
+    assert _panel_colour(out, 2, 0) == RED  # the header's extra line still leaves the panels where they belong
+
+
+def test_common_images_match_paths_across_runs(tmp_path):
+    acts = np.ones((6, 2), np.float32)
+    opened = []
+    for name, paths, status in (("a", ["p0", "p1", "p2", "p3", "p4", "p5"], "ok"),
+                                ("b", ["p1", "p3", "p4", "p5", "p9", "pa"], "ok")):
+        run_dir = tmp_path / name
+        config = toy_config(run_dir, layers=("blocks.1",))
+        write_activations(run_dir, {"blocks.1": acts}, n_images=6, paths=paths, config=config)
+        opened.append(_Opened(name, Run(run_dir, config)))
+    with h5py.File(tmp_path / "b" / "activations.h5", "r+") as h5:
+        h5["images/status"][2] = "unreadable"  # p4
+    n, rows = _common_images(opened, [["blocks.1"], ["blocks.1"]])
+    assert n == 3 and rows[0].tolist() == [1, 3, 5] and rows[1].tolist() == [0, 1, 3]  # p1, p3, p5 in both
 
 
 def test_parser(toy_run, tmp_path, capsys):

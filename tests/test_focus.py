@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from atlas import blocks
 from atlas import grid as grid_stage
 from atlas import layout as layout_stage
 from atlas.errors import AtlasError
@@ -38,6 +39,31 @@ def test_class_scores_reads_in_blocks():
     top, scores = class_scores(attr, [2, 0], rows=3)
     np.testing.assert_array_equal(top, [2, 0, 0, 1])  # ties go to the lowest class index
     np.testing.assert_array_equal(scores, [[2, 0], [0, 5], [1, 1], [3, 0]])
+
+
+class _CountingReads:
+    """An (n, C) array that records how many rows each read asks for, as an h5py dataset would be read."""
+
+    def __init__(self, values):
+        self.values, self.shape, self.reads = values, values.shape, []
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, key):
+        block = self.values[key]
+        self.reads.append(len(block))
+        return block
+
+
+def test_class_scores_reads_blocks_sized_by_bytes(monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 50 * 7)  # 7 rows of 50 float32 classes
+    attr = np.random.default_rng(0).standard_normal((100, 50)).astype(np.float16)
+    stored = _CountingReads(attr)
+    top, scores = class_scores(stored, (3, 0))
+    assert max(stored.reads) == 7 and sum(stored.reads) == 100  # never more than one block of rows in memory
+    assert top.tolist() == attr.astype(np.float32).argmax(axis=1).tolist()
+    np.testing.assert_array_equal(scores, attr[:, [3, 0]].astype(np.float32))
 
 
 def test_pair_axis_scales_by_the_99th_percentile_and_clips():
