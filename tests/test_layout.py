@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from toy_runs import file_attrs, toy_clusters, toy_config, write_activations
+from toy_runs import file_attrs, record_sample_reads, toy_clusters, toy_config, write_activations
 
 from atlas import blocks
 from atlas import layout as layout_mod
@@ -403,3 +403,13 @@ def test_run_with_torchdr_records_backend_and_device_and_device_is_not_in_the_fi
     assert Run(tmp_path, config).expected_layout_fingerprint() == fingerprint
     umap_learn = toy_config(tmp_path, layout={"n_neighbors": 10})
     assert Run(tmp_path, umap_learn).expected_layout_fingerprint() != fingerprint
+
+
+def test_layout_stage_reads_the_samples_a_block_at_a_time(tmp_path, monkeypatch):
+    acts, _ = toy_clusters(1000, 8, 4)
+    write_activations(tmp_path, {"blocks.1": acts.astype(np.float16)})
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 8 * 100)  # 100-row blocks
+    reads = record_sample_reads(monkeypatch)
+    config = toy_config(tmp_path, layout={"backend": "torchdr", "device": "cpu", "fit_samples": 300})
+    assert run(config, log=lambda _: None).samples == {"blocks.1": 1000}
+    assert reads and max(reads) <= 100  # the 300 fit samples are gathered block by block, never the whole layer
