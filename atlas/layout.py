@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from .blocks import block_rows, iter_selected, scan_rows, take_rows
@@ -243,12 +242,13 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
         fitted = {"knn": "nn-descent" if approximate else "exact", "epochs": umap_epochs(n_fit),
                   "placement": "transform"}
     else:
-        raw[fit_idx], fitted = fit_torchdr(fit_x, n_neighbors=n_used, min_dist=min_dist, metric=metric, seed=seed,
-                                           dims=dims, device=where)
+        fit_xy, fitted = fit_torchdr(fit_x, n_neighbors=n_used, min_dist=min_dist, metric=metric, seed=seed,
+                                     dims=dims, device=where)
+        raw[fit_idx] = fit_xy
         t_fit = time.perf_counter()
         n_used = fitted.pop("n_neighbors")
         for rows_idx, rows in iter_selected(acts, rest, TRANSFORM_ROWS):
-            raw[rows_idx] = place_samples(fit_x, raw[fit_idx], projection(rows) if projection else rows,
+            raw[rows_idx] = place_samples(fit_x, fit_xy, projection(rows) if projection else rows,
                                           n_neighbors=n_used, metric=metric, device=where)
         fitted.update(knn="exact", placement="nearest-fit-mean")
     del fit_x
@@ -420,9 +420,11 @@ def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: 
 
 
 def _layer_line(name: str, info: dict[str, Any], seconds: float) -> str:
-    parts = [f"layout: {'map' if '/' in name else 'layer'} {name}: {info['n_samples']} samples"]
+    parts = [f"layout: {'map' if '/' in name else 'layer'} {name}: {info['n_samples']} samples "
+             f"({info['backend']} on {info['device']})"]
     if info["n_fit"] < info["n_samples"]:
-        parts.append(f"fitted on {info['n_fit']}, rest placed by transform")
+        how = "transform" if info["placement"] == "transform" else "their nearest fit samples"
+        parts.append(f"fitted on {info['n_fit']}, rest placed by {how}")
     if info["n_neighbors"] < info["n_neighbors_requested"]:
         parts.append(f"n_neighbors lowered to {info['n_neighbors']} (fewer samples than asked for)")
     if info["pca_dims"]:
