@@ -15,6 +15,7 @@ In-memory cores (arrays in, arrays out, no files):
                                         (channels first, channels last, ViT tokens)
     collect_activations(model, images, layers, ...)   -> Samples (acts, image, yx, attr, pred)
     layout_2d(acts, ...)                -> (xy in [0, 1], info)
+    place_samples(fit_acts, fit_xy, new_acts, ...)    -> positions of new samples on a layout
     bin_grid(xy, acts, attr, size, ...) -> Grid (cells, counts, directions, members, top classes)
     render_icons(model, layer, directions, ...)       -> IconBatch (images, objective, cosine)
     compose_atlas(icons, cells, size, ...)            -> the atlas image
@@ -42,7 +43,7 @@ _EXPORTS = {
     "load_model": "atlas.models", "LoadedModel": "atlas.models", "Preprocess": "atlas.models",
     "LayerMap": "atlas.layer_maps", "resolve_maps": "atlas.layer_maps",
     "collect_activations": "atlas.collect", "Samples": "atlas.collect",
-    "layout_2d": "atlas.layout",
+    "layout_2d": "atlas.layout", "place_samples": "atlas.placement",
     "bin_grid": "atlas.grid", "bin_grids": "atlas.grid",
     "render_icons": "atlas.render", "IconBatch": "atlas.render",
     "compose_atlas": "atlas.mosaic",

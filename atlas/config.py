@@ -29,6 +29,8 @@ from .store.run import CONFIG as CONFIG_NAME
 
 LAYOUTS = ("nchw", "nhwc", "tokens")  # the layouts of atlas.layer_maps (importing it would import torch)
 METRICS = ("cosine", "euclidean", "correlation", "manhattan", "chebyshev", "braycurtis", "canberra")  # UMAP metrics offered
+LAYOUT_BACKENDS = ("umap-learn", "torchdr")  # the UMAP implementations of atlas.reducers
+TORCHDR_METRICS = ("cosine", "correlation", "euclidean")  # the metrics the torchdr backend lays out (atlas.placement)
 # The fields of models.zoo.Preprocess, which checks their values once the model's defaults are
 # known; importing it here would make reading a config import torch.
 _PREPROCESS_KEYS = ("size", "resize", "mean", "std", "interpolation")
@@ -184,6 +186,8 @@ class LayoutConfig:
     pairs: tuple[tuple[str, ...], ...] = ()  # two-class views [[a, b], ...]: x = attribution to b minus to a, y = a 1-D layout
     class_top: int = 2000  # samples most attributed to the class added to its class atlas (and to a pair's view)
     focus_layers: tuple[str, ...] = ()  # layers that get the class atlases and two-class views; empty = every layer
+    backend: str = "umap-learn"  # "umap-learn" (numba, CPU) or "torchdr" (PyTorch UMAP on the CPU or a GPU; rest placed by nearest fit samples)
+    device: str = "auto"  # torchdr's device: "auto" (cuda if present), "cpu", "cuda", "cuda:N"; umap-learn runs on the CPU
 
     def __post_init__(self) -> None:
         _check_fields(self, "layout.", n_neighbors=2, min_dist=0, pca_dims=0, fit_samples=0, margin=0, seed=0,
@@ -191,6 +195,15 @@ class LayoutConfig:
         close = difflib.get_close_matches(self.metric, METRICS, n=1)
         _check(self.metric in METRICS, f"layout.metric must be one of {', '.join(METRICS)}; got {self.metric!r}"
                + (f"; did you mean {close[0]!r}?" if close else ""))
+        close = difflib.get_close_matches(self.backend, LAYOUT_BACKENDS, n=1)
+        _check(self.backend in LAYOUT_BACKENDS, "layout.backend must be \"umap-learn\" or \"torchdr\"; got "
+               f"{self.backend!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        _check_device(self.device, "layout.device")
+        _check(self.backend == "torchdr" or self.device in ("auto", "cpu"),
+               f"layout.device = {self.device!r} needs layout.backend = \"torchdr\"; umap-learn runs on the CPU")
+        _check(self.backend != "torchdr" or self.metric in TORCHDR_METRICS,
+               f"layout.backend = \"torchdr\" lays out with the {', '.join(TORCHDR_METRICS)} metrics, not "
+               f"{self.metric!r}; use one of those or layout.backend = \"umap-learn\"")
         _check(0 <= self.clip_percentile < 50, "layout.clip_percentile must be in [0, 50)")
         _check(all(self.classes), "layout.classes must list class names, wnids or output indices, e.g. [\"fireboat\"]")
         for pair in self.pairs:

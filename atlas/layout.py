@@ -7,19 +7,25 @@ lays out. A two-class view's x is the attribution difference (atlas.focus.pair_a
 y comes from UMAP (1-D), so its trustworthiness is that of y.
 
 Each map records `layout_2d`'s info: `n_samples`, `n_fit` (samples UMAP was fitted on; the rest
-placed with `transform`), `n_neighbors` (effective; lower than asked when there are fewer
-samples), `n_neighbors_requested`, `min_dist`, `metric`, `knn` ("exact" for small runs,
-"nn-descent" past EXACT_KNN_PAIRS = n * n_fit), `pca_dims` (effective, 0 = none), `pca_variance`
-(the fraction of the fit sample's variance, or of its second moment for the cosine metric, that
-the PCA keeps; 1.0 without PCA), `seed`, `clip_percentile`, `margin`, `trustworthiness`
-(scikit-learn's, NaN when not computed), `trust_samples`, `trust_neighbors`, `umap_version`,
-`fit_seconds`, `transform_seconds`; focus maps add `kind`, `classes`, `class_names`, `layer`,
-`class_top`.
+placed as `placement` says), `n_neighbors` (effective; lower than asked when there are fewer
+samples, or for torchdr fewer distinct samples), `n_neighbors_requested`, `min_dist`, `metric`,
+`knn` ("exact"; umap-learn: "nn-descent" past EXACT_KNN_PAIRS = n * n_fit), `epochs`
+(optimisation epochs: umap-learn's rule, 500 up to 10,000 fit samples, else 200; torchdr is given
+the same), `placement` ("transform": umap-learn's; "nearest-fit-mean": atlas.placement),
+`pca_dims` (effective, 0 = none), `pca_variance` (the fraction of the fit sample's variance, or of
+its second moment for the cosine metric, that the PCA keeps; 1.0 without PCA), `seed`,
+`clip_percentile`, `margin`, `trustworthiness` (scikit-learn's, NaN when not computed),
+`trust_samples`, `trust_neighbors`, `backend` ("umap-learn" or "torchdr"), `backend_version` (that
+package's version), `device` ("cpu", or the torchdr backend's "cuda:N"), `fit_seconds`,
+`transform_seconds` (placing the rest); torchdr maps add `negative_sample_rate`; focus maps add
+`kind`, `classes`, `class_names`, `layer`, `class_top`.
 
-Method (Lucid's activation-atlas recipe): optional PCA, UMAP to 2-D with a fixed seed, fitted on
-at most `fit_samples` random samples with the rest placed by the fitted model's `transform`, then
-`normalize_layout`. Activations are read in float32 blocks, so a million samples need memory for
-the fit sample only.
+Method (Lucid's activation-atlas recipe): optional PCA, UMAP to 2-D with a fixed seed (umap-learn,
+or TorchDR's PyTorch UMAP on the CPU or a GPU: `layout.backend`, atlas.reducers), fitted on at
+most `fit_samples` random samples with the rest placed by the fitted model's `transform`
+(umap-learn) or by the weighted mean of their nearest fit samples (torchdr, atlas.placement),
+then `normalize_layout`. Activations are read in float32 blocks, so a million samples need memory
+for the fit sample only.
 """
 
 from __future__ import annotations
@@ -33,15 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .blocks import block_rows, iter_selected, scan_rows, take_rows
 from .config import METRICS, Config, LayoutConfig
 from .errors import AtlasError
 from .focus import MapSpec, class_rows, class_scores, pair_axis, plan_maps
+from .placement import place_samples
+from .reducers import backend_version, fit_torchdr, make_umap_learn, umap_epochs
+from .runtime import pick_device
 from .store import LayerSamples, Layout, MapLayout, Run
 
 MIN_SAMPLES = 4  # UMAP's spectral initialisation needs more samples than n_components + 1
-TRANSFORM_ROWS = 65_536  # samples placed per UMAP.transform call (fixed, so results are reproducible)
+TRANSFORM_ROWS = 65_536  # samples placed per UMAP.transform or place_samples call (fixed, so results are reproducible)
 # umap-learn finds exact neighbours below 4,096 fit samples, through a Python-level loop over all
 # pairs (fit samples with each other, and every transformed sample with every fit sample): about
 # 2 s per million pairs. Past this many pairs we make it use nearest-neighbour descent instead.
@@ -163,13 +173,14 @@ def trustworthiness_of(acts: np.ndarray, xy: np.ndarray, n_neighbors: int = 10,
 
 def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metric: str = "cosine",
               pca_dims: int = 0, fit_samples: int = 100_000, clip_percentile: float = 1.0, margin: float = 0.1,
-              seed: int = 0, trust_samples: int = 2000, trust_neighbors: int = 10, dims: int = 2
-              ) -> tuple[np.ndarray, dict[str, Any]]:
+              seed: int = 0, trust_samples: int = 2000, trust_neighbors: int = 10, dims: int = 2,
+              backend: str = "umap-learn", device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Lays out activation samples in 2-D (or `dims`-D) with UMAP and normalises the result to [0, 1].
 
     Fits UMAP (after the optional PCA) on at most `fit_samples` samples drawn with `seed` and
-    places the others with the fitted model's `transform`, TRANSFORM_ROWS at a time. Same input and
-    arguments, same output.
+    places the others, TRANSFORM_ROWS at a time: umap-learn with the fitted model's `transform`,
+    torchdr with `atlas.placement.place_samples` (the weighted mean of each sample's nearest fit
+    samples). Same input and arguments, same output (torchdr: on the CPU).
 
     Degenerate input: fewer than MIN_SAMPLES samples, NaN or inf anywhere, or all fit samples the
     same point for the metric raise AtlasError before UMAP runs. Fewer fit samples than
@@ -179,15 +190,17 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
         acts: (n, C) float16/float32 array or h5py dataset; read in float32 blocks.
         n_neighbors: UMAP's neighbourhood size, >= 2; default 20 (Lucid's notebooks).
         min_dist: UMAP's minimum distance; default 0.01.
-        metric: one of METRICS; default "cosine".
+        metric: one of METRICS (torchdr: one of TORCHDR_METRICS); default "cosine".
         pca_dims: PCA to this many dimensions first (uncentred for cosine and correlation, so
             angles are kept); 0 = none.
-        fit_samples: fit on at most this many samples, place the rest by transform; 0 = all.
+        fit_samples: fit on at most this many samples, place the rest; 0 = all.
         clip_percentile, margin: see `normalize_layout`.
         seed: seeds the subsamples and UMAP.
         trust_samples: samples to measure trustworthiness on (O(m^2)); 0 = skip (NaN).
         trust_neighbors: the trustworthiness neighbourhood size.
         dims: output dimensions; 1 for the y axis of a two-class view.
+        backend: "umap-learn" or "torchdr" (atlas.reducers).
+        device: torchdr's device, "auto", "cpu", "cuda" or "cuda:N" (umap-learn: "auto" or "cpu").
 
     Returns:
         xy: (n, dims) float32 in [0, 1].
@@ -199,6 +212,7 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
     if len(acts.shape) != 2:
         raise ValueError(f"acts must be (n, C), got shape {acts.shape}")
     _check_metric(metric)
+    where = _check_backend(backend, device, metric)
     if n < MIN_SAMPLES:
         raise AtlasError(f"{n} samples are too few for a layout (UMAP needs at least {MIN_SAMPLES}); "
                          "collect more images or raise collect.samples_per_image")
@@ -210,21 +224,34 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
     check_spread(fit_x, metric)
 
     projection = fit_projection(fit_x, pca_dims, center=metric not in ("cosine", "correlation"))
+    fit_x = projection(fit_x) if projection else fit_x
     n_fit = len(fit_idx)
     n_used = min(n_neighbors, n_fit - 1)  # the documented fallback: UMAP needs k < n
-    approximate = n * n_fit > EXACT_KNN_PAIRS
-    reducer = _make_umap(n_used, min_dist, metric, seed, approximate, dims)
     raw = np.empty((n, dims), np.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="n_jobs value .* overridden")  # we seed on purpose
-        raw[fit_idx] = reducer.fit_transform(projection(fit_x) if projection else fit_x)
-        del fit_x
-        t_fit = time.perf_counter()
-        if n_fit < n:
-            rest = np.ones(n, bool)
-            rest[fit_idx] = False
+    rest = np.ones(n, bool)
+    rest[fit_idx] = False
+    if backend == "umap-learn":
+        approximate = n * n_fit > EXACT_KNN_PAIRS
+        reducer = make_umap_learn(n_used, min_dist, metric, seed, approximate, dims)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="n_jobs value .* overridden")  # we seed on purpose
+            raw[fit_idx] = reducer.fit_transform(fit_x)
+            t_fit = time.perf_counter()
             for rows_idx, rows in iter_selected(acts, rest, TRANSFORM_ROWS):
                 raw[rows_idx] = reducer.transform(projection(rows) if projection else rows)
+        fitted = {"knn": "nn-descent" if approximate else "exact", "epochs": umap_epochs(n_fit),
+                  "placement": "transform"}
+    else:
+        fit_xy, fitted = fit_torchdr(fit_x, n_neighbors=n_used, min_dist=min_dist, metric=metric, seed=seed,
+                                     dims=dims, device=where)
+        raw[fit_idx] = fit_xy
+        t_fit = time.perf_counter()
+        n_used = fitted.pop("n_neighbors")
+        for rows_idx, rows in iter_selected(acts, rest, TRANSFORM_ROWS):
+            raw[rows_idx] = place_samples(fit_x, fit_xy, projection(rows) if projection else rows,
+                                          n_neighbors=n_used, metric=metric, device=where)
+        fitted.update(knn="exact", placement="nearest-fit-mean")
+    del fit_x
     t_transform = time.perf_counter()
     if not np.isfinite(raw).all():
         raise AtlasError("UMAP produced non-finite positions; try another layout.seed or layout.metric = \"euclidean\"")
@@ -234,11 +261,12 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
              if len(trust_idx) else float("nan"))
     info = {
         "n_samples": n, "n_fit": n_fit, "n_neighbors": n_used, "n_neighbors_requested": n_neighbors,
-        "min_dist": min_dist, "metric": metric, "knn": "nn-descent" if approximate else "exact",
+        "min_dist": min_dist, "metric": metric, **fitted,
         "pca_dims": projection.components.shape[1] if projection else 0,
         "pca_variance": projection.kept if projection else 1.0, "seed": seed,
         "clip_percentile": clip_percentile, "margin": margin, "trustworthiness": trust,
-        "trust_samples": len(trust_idx), "trust_neighbors": trust_neighbors, "umap_version": reducer_version(),
+        "trust_samples": len(trust_idx), "trust_neighbors": trust_neighbors, "backend": backend,
+        "backend_version": backend_version(backend), "device": _device_name(where),
         "fit_seconds": t_fit - t0, "transform_seconds": t_transform - t_fit,
     }
     return xy, info
@@ -265,18 +293,17 @@ def _check_metric(metric: str) -> None:
                          + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(METRICS)}"))
 
 
-def reducer_version() -> str:
-    from importlib.metadata import version
+def _check_backend(backend: str, device: str, metric: str) -> torch.device:
+    """The device a backend computes on; AtlasError for a backend, device or metric it cannot take."""
+    # the same rules LayoutConfig checks, for callers of layout_2d that pass plain arguments
+    LayoutConfig(backend=backend, device=device, metric=metric)
+    return pick_device(device, "layout.device") if backend == "torchdr" else torch.device("cpu")
 
-    return version("umap-learn")
 
-
-def _make_umap(n_neighbors: int, min_dist: float, metric: str, seed: int, approximate: bool, dims: int = 2):
-    import umap
-
-    # random_state makes UMAP single-threaded; that is the price of a reproducible layout
-    return umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
-                     random_state=seed, transform_seed=seed, n_jobs=1, force_approximation_algorithm=approximate)
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +325,8 @@ def layout_options(cfg: LayoutConfig) -> dict[str, Any]:
     """The keyword arguments of `layout_2d` that the `[layout]` table sets."""
     return {"n_neighbors": cfg.n_neighbors, "min_dist": cfg.min_dist, "metric": cfg.metric, "pca_dims": cfg.pca_dims,
             "fit_samples": cfg.fit_samples, "clip_percentile": cfg.clip_percentile, "margin": cfg.margin,
-            "seed": cfg.seed, "trust_samples": cfg.trust_samples, "trust_neighbors": cfg.trust_neighbors}
+            "seed": cfg.seed, "trust_samples": cfg.trust_samples, "trust_neighbors": cfg.trust_neighbors,
+            "backend": cfg.backend, "device": cfg.device}
 
 
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> LayoutSummary:
@@ -392,9 +420,11 @@ def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: 
 
 
 def _layer_line(name: str, info: dict[str, Any], seconds: float) -> str:
-    parts = [f"layout: {'map' if '/' in name else 'layer'} {name}: {info['n_samples']} samples"]
+    parts = [f"layout: {'map' if '/' in name else 'layer'} {name}: {info['n_samples']} samples "
+             f"({info['backend']} on {info['device']})"]
     if info["n_fit"] < info["n_samples"]:
-        parts.append(f"fitted on {info['n_fit']}, rest placed by transform")
+        how = "transform" if info["placement"] == "transform" else "their nearest fit samples"
+        parts.append(f"fitted on {info['n_fit']}, rest placed by {how}")
     if info["n_neighbors"] < info["n_neighbors_requested"]:
         parts.append(f"n_neighbors lowered to {info['n_neighbors']} (fewer samples than asked for)")
     if info["pca_dims"]:

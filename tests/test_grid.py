@@ -5,7 +5,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from toy_runs import file_attrs, toy_config, write_activations, write_layout
+from toy_runs import file_attrs, record_sample_reads, toy_config, write_activations, write_layout
 
 from atlas.cli import main as cli_main
 from atlas.config import load_config, save_config
@@ -328,3 +328,11 @@ def test_cli_grid_on_a_run_directory(tmp_path, capsys):
     assert cli_main(["grid", str(tmp_path)]) == 0
     assert "grid: layer blocks.1: 100 samples" in capsys.readouterr().out
     assert len(Run.open(tmp_path).grid("blocks.1", 2)) == 4
+
+
+def test_grid_stage_reads_the_samples_a_block_at_a_time(tmp_path, monkeypatch):
+    config, *_ = toy_run(tmp_path, whiten=True)  # whitening reads every sample too
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 3 * 50)  # blocks of at most 50 of the 300 rows
+    reads = record_sample_reads(monkeypatch)
+    run(config, log=lambda _: None)
+    assert reads and max(reads) <= 50

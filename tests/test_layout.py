@@ -1,12 +1,14 @@
 """Layout stage: normalisation, UMAP on toy clusters (few, tiny: umap-learn JIT-compiles per process),
-the subsample-and-transform path, degenerate inputs, layout.h5 and skipping."""
+the subsample-and-transform path, degenerate inputs, layout.h5 and skipping; the torchdr backend
+and placing samples by their nearest fit samples."""
 
 import dataclasses
 
 import h5py
 import numpy as np
 import pytest
-from toy_runs import file_attrs, toy_clusters, toy_config, write_activations
+import torch
+from toy_runs import file_attrs, record_sample_reads, toy_clusters, toy_config, write_activations
 
 from atlas import blocks
 from atlas import layout as layout_mod
@@ -14,7 +16,7 @@ from atlas.config import LayoutConfig
 from atlas.errors import AtlasError
 from atlas.focus import MapSpec
 from atlas.layout import check_spread, fit_projection, layout_2d, normalize_layout, run, trustworthiness_of
-from atlas.store import Layout, MapLayout
+from atlas.store import Layout, MapLayout, Run
 
 
 def neighbour_purity(xy, labels, query, reference):
@@ -267,3 +269,147 @@ def test_cli_layout_then_grid_on_a_run_directory(tmp_path, capsys):
     assert "layout: up to date, skipped" in capsys.readouterr().out
     assert main(["layout", str(tmp_path), "--set", "layout.metric=cosin"]) == 2
     assert "layout.metric must be one of" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the torchdr backend and placing samples by their nearest fit samples
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # GPU runs where there is one
+
+
+def test_torchdr_layout_of_separated_clusters_is_trustworthy_reproducible_and_leaves_global_rngs_alone():
+    import torchdr
+
+    acts, labels = CLUSTERS
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    xy, info = layout_2d(acts, backend="torchdr", device="cpu", trust_samples=400)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # torchdr seeds the global generators; we put them back
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+    assert xy.shape == (600, 2) and xy.dtype == np.float32 and (xy.min(0) == 0).all() and (xy.max(0) == 1).all()
+    assert info["trustworthiness"] > 0.9
+    everyone = np.arange(600)
+    assert neighbour_purity(xy, labels, everyone[::7], np.setdiff1d(everyone, everyone[::7])) > 0.95
+    assert info["backend"] == "torchdr" and info["device"] == "cpu" and info["backend_version"] == torchdr.__version__
+    assert info["epochs"] == 500 and info["n_neighbors"] == 20 and info["knn"] == "exact"
+    assert info["negative_sample_rate"] == 10
+    np.testing.assert_array_equal(layout_2d(acts.copy(), backend="torchdr", device="cpu", trust_samples=400)[0], xy)
+    other_seed, _ = layout_2d(acts, backend="torchdr", device="cpu", trust_samples=0, seed=1)
+    assert not np.array_equal(other_seed, xy)
+
+
+def test_torchdr_subsample_fit_places_the_rest_near_their_cluster(tmp_path, monkeypatch):
+    acts, labels = CLUSTERS
+    cfg = dict(fit_samples=250, trust_samples=300, seed=3, backend="torchdr", device="cpu")
+    xy, info = layout_2d(acts, **cfg)
+    assert info["n_fit"] == 250 and info["placement"] == "nearest-fit-mean" and info["trustworthiness"] > 0.9
+    fit = np.sort(np.random.default_rng(3).choice(600, 250, replace=False))
+    rest = np.setdiff1d(np.arange(600), fit)
+    assert neighbour_purity(xy, labels, rest, fit) > 0.95
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 16 * 50)  # read the file 50 rows at a time
+    monkeypatch.setattr(layout_mod, "TRANSFORM_ROWS", 64)  # and place the rest 64 at a time
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5["acts"] = acts.astype(np.float16)
+        from_file, _ = layout_2d(h5["acts"], **cfg)
+    float16, _ = layout_2d(acts.astype(np.float16).astype(np.float32), **cfg)
+    np.testing.assert_array_equal(from_file, float16)
+
+
+def test_torchdr_with_few_distinct_samples_lowers_n_neighbors():
+    acts, _ = toy_clusters(12, 8, 2, seed=1)
+    xy, info = layout_2d(np.concatenate([acts, acts]), n_neighbors=20, backend="torchdr", device="cpu")
+    assert info["n_neighbors"] == 10 and info["n_neighbors_requested"] == 20  # 12 distinct rows, at most 12 - 2
+    assert xy.shape == (24, 2) and np.isfinite(xy).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nearest_rows_match_a_full_sort_across_blocks(monkeypatch, device):
+    from atlas import placement
+
+    rng = np.random.default_rng(0)
+    reference, queries = rng.normal(size=(300, 5)).astype(np.float32), rng.normal(size=(40, 5)).astype(np.float32)
+    monkeypatch.setattr(placement, "PLACE_BLOCK_BYTES", 4 * 40 * 32)  # 32 reference rows per block: 10 blocks
+    d2, idx = placement.nearest_rows(torch.from_numpy(reference).to(device), torch.from_numpy(queries).to(device), 7)
+    full = ((queries[:, None, :].astype(np.float64) - reference[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(idx.cpu().numpy(), np.argsort(full, axis=1)[:, :7])
+    np.testing.assert_allclose(d2.cpu().numpy(), np.sort(full, axis=1)[:, :7], rtol=1e-4, atol=1e-4)
+
+
+def test_membership_weights_sum_to_log2_k_and_exact_matches_win():
+    from atlas.placement import membership_weights
+
+    dist = torch.tensor([[0.1, 0.2, 0.4, 0.8], [0.0, 0.0, 0.0, 0.5], [0.3, 0.3, 0.3, 0.3]])
+    w = membership_weights(dist)
+    np.testing.assert_allclose(w[0].sum().item(), 2.0, rtol=1e-9)  # log2(4)
+    assert (torch.diff(w[0]) < 0).all()  # nearer weighs more
+    np.testing.assert_allclose(w[1].numpy(), [1, 1, 1, 0], atol=1e-12)  # 3 exact matches >= log2(4): only they count
+    np.testing.assert_allclose(w[2].numpy(), [0.5, 0.5, 0.5, 0.5], rtol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_place_samples_puts_new_samples_among_their_nearest_fit_samples(device):
+    from atlas.placement import place_samples
+
+    fit = np.array([[1, 0, 0], [2, 0.1, 0], [0, 1, 0], [0, 3, 0.1]], np.float32)
+    fit_xy = np.array([[0, 0], [0, 2], [10, 10], [10, 12]], np.float32)
+    new = np.array([[5, 0, 0], [0, 2, 0], [3, 0.1, 0]], np.float32)
+    xy = place_samples(fit, fit_xy, new, n_neighbors=1, metric="cosine", device=device)
+    np.testing.assert_array_equal(xy, [[0, 0], [10, 10], [0, 2]])  # cosine: length does not count
+    xy = place_samples(fit, fit_xy, new, n_neighbors=2, metric="cosine", device=device)
+    np.testing.assert_allclose(xy[:2], [[0, 0], [10, 10]], atol=1e-6)  # an exact match (in angle) keeps its place
+    assert xy[2, 0] == 0 and 1 < xy[2, 1] < 2  # between its two neighbours, nearer [2, 0.1, 0] in angle
+    xy = place_samples(fit, fit_xy, new, n_neighbors=1, metric="euclidean", device=device)
+    np.testing.assert_array_equal(xy, [[0, 2], [10, 10], [0, 2]])
+    with pytest.raises(ValueError, match="metric must be one of"):
+        place_samples(fit, fit_xy, new, metric="manhattan")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(backend="torch"), r"layout.backend must be \"umap-learn\" or \"torchdr\"; got 'torch'; did you mean"),
+    (dict(backend="torchdr", metric="manhattan"), r"lays out with the cosine, correlation, euclidean metrics, not 'manhattan'"),
+    (dict(device="cuda"), r"layout.device = 'cuda' needs layout.backend = \"torchdr\""),
+    (dict(backend="torchdr", device="gpu"), r"layout.device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""),
+])
+def test_bad_backend_options_are_one_line_errors(options, message):
+    with pytest.raises(AtlasError, match=message) as error:
+        layout_2d(CLUSTERS[0], **options)
+    assert "\n" not in str(error.value)
+
+
+def test_torchdr_on_a_missing_gpu_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AtlasError, match=r"layout.device = 'cuda:1' but no CUDA GPU is available"):
+        layout_2d(CLUSTERS[0], backend="torchdr", device="cuda:1")
+
+
+def test_run_with_torchdr_records_backend_and_device_and_device_is_not_in_the_fingerprint(tmp_path, capsys):
+    from atlas.cli import main
+    from atlas.config import save_config
+
+    acts, _ = toy_clusters(150, 8, 3)
+    write_activations(tmp_path, {"blocks.1": acts.astype(np.float16)})
+    save_config(toy_config(tmp_path, layout={"n_neighbors": 10, "backend": "torchdr", "device": "cpu"}))
+    assert main(["layout", str(tmp_path)]) == 0
+    with h5py.File(tmp_path / "layout.h5", "r") as h5:
+        attrs = dict(h5["blocks.1"].attrs)
+    assert attrs["backend"] == "torchdr" and attrs["device"] == "cpu" and attrs["backend_version"]
+    fingerprint = file_attrs(tmp_path / "layout.h5")["fingerprint"]
+    capsys.readouterr()
+    assert main(["layout", str(tmp_path), "--set", "layout.device=auto"]) == 0  # where it runs is not what it is
+    assert "layout: up to date, skipped" in capsys.readouterr().out
+    assert main(["layout", str(tmp_path), "--set", "layout.metric=manhattan"]) == 2
+    err = capsys.readouterr().err
+    assert "lays out with the cosine, correlation, euclidean metrics, not 'manhattan'" in err and err.count("\n") == 1
+    config = toy_config(tmp_path, layout={"n_neighbors": 10, "backend": "torchdr"})
+    assert Run(tmp_path, config).expected_layout_fingerprint() == fingerprint
+    umap_learn = toy_config(tmp_path, layout={"n_neighbors": 10})
+    assert Run(tmp_path, umap_learn).expected_layout_fingerprint() != fingerprint
+
+
+def test_layout_stage_reads_the_samples_a_block_at_a_time(tmp_path, monkeypatch):
+    acts, _ = toy_clusters(1000, 8, 4)
+    write_activations(tmp_path, {"blocks.1": acts.astype(np.float16)})
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 8 * 100)  # 100-row blocks
+    reads = record_sample_reads(monkeypatch)
+    config = toy_config(tmp_path, layout={"backend": "torchdr", "device": "cpu", "fit_samples": 300})
+    assert run(config, log=lambda _: None).samples == {"blocks.1": 1000}
+    assert reads and max(reads) <= 100  # the 300 fit samples are gathered block by block, never the whole layer

@@ -111,6 +111,22 @@ def write_icons(config: Config, name: str, grid: Grid, colours: Mapping[tuple[in
     return store.write_icons(name, grid.size, images, entries, meta).folder
 
 
+def record_sample_reads(monkeypatch) -> list[int]:
+    """Records the rows of every read of a layer's `acts` or `attr` in any activations.h5 from now
+    on (monkeypatches h5py.Dataset.__getitem__); returns the list the row counts are appended to."""
+    reads: list[int] = []
+    original = h5py.Dataset.__getitem__
+
+    def recording(self, key):
+        value = original(self, key)
+        if self.name.startswith("/layers/") and self.name.rsplit("/", 1)[-1] in ("acts", "attr"):
+            reads.append(len(value) if np.ndim(value) else 1)
+        return value
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+    return reads
+
+
 def file_attrs(path: Path) -> dict:
     """The file-level attrs of an HDF5 artifact, JSON attrs decoded."""
     with h5py.File(path, "r") as h5:

@@ -75,9 +75,24 @@ def collect_fingerprint(config: Config, preprocess: Any, records: Sequence[Image
                        *_collect_values(to_jsonable(c)).values(), images)
 
 
+# [layout] settings left out of its fingerprint: where the layout is computed, not what it is (as
+# collect leaves out its device).
+LAYOUT_KEYS_IGNORED = ("device",)
+# [layout] settings that change layout.h5 only when set: at their defaults they lay out as before
+# they existed, so runs laid out earlier stay current.
+LAYOUT_KEYS_IF_SET = {"backend": "umap-learn"}
+
+
 def layout_fingerprint(config: Config, activations: str) -> str:
-    """layout.h5: the [layout] config, the layers and the activations it lays out."""
-    return fingerprint("layout", config.layout, config.layers, activations)
+    """layout.h5: the [layout] config (less LAYOUT_KEYS_IGNORED, and LAYOUT_KEYS_IF_SET at their
+    defaults), the layers and the activations it lays out."""
+    table = to_jsonable(config.layout)
+    for key in LAYOUT_KEYS_IGNORED:
+        del table[key]
+    for key, default in LAYOUT_KEYS_IF_SET.items():
+        if table[key] == default:
+            del table[key]
+    return fingerprint("layout", table, config.layers, activations)
 
 
 def grid_fingerprint(config: Config, layout: str, activations: str) -> str:
