@@ -120,6 +120,7 @@ BAD_FIELDS = [
     ("collect.border", "-1", r"collect.border must be >= 0"),
     ("collect.batch_size", "0", r"collect.batch_size must be >= 1"),
     ("collect.batch_size", "true", r"collect.batch_size = True has the wrong type; expected an integer"),
+    ("collect.images_per_part", "0", r"collect.images_per_part must be >= 1"),
     ("collect.workers", "-1", r"collect.workers must be >= 0"),
     ("collect.attribution", "1", r"collect.attribution = 1 has the wrong type; expected true or false"),
     ("collect.attribution_batch", "0", r"collect.attribution_batch must be >= 1"),
