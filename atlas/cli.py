@@ -214,7 +214,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
             shard = parse_shard(shard_text)
         if shard.group and merge:
             raise AtlasError("--merge is for jobs started one by one; under torchrun rank 0 writes the result")
-        log = print if shard.index == 0 or not shard.group else (lambda line: print(f"[rank {shard.index}] {line}"))
+        log = print if shard.leads else (lambda line: print(f"[rank {shard.index}] {line}"))
         run_stages(config, STAGES if args.command == "run" else (args.command,), force=args.force, log=log,
                    shard=shard, merge=merge)
     except AtlasError as exc:

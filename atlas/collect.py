@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from . import __version__
-from .artifacts import atomic_path, prepare_work_dir, to_jsonable, work_dir_matches
+from .artifacts import atomic_path, to_jsonable
 from .config import Config
 from .corpus import ImageRecord, find_images, iter_batches
 from .distributed import ALONE, Shard
@@ -293,7 +293,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     if c.threads:
         torch.set_num_threads(c.threads)
     keep_freed_memory()
-    device = shard.device(c.device, "collect.device")
+    device = torch.device("cpu") if merge else shard.device(c.device, "collect.device")  # a merge computes nothing
 
     model = load_model(config.model, config.weights, config.preprocess)
     records = find_images(config.images, model.classes.lookup if model.classes else None,
@@ -313,21 +313,14 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     parts_dir = store.collect_parts_dir
     part_size = -(-c.images_per_part // c.batch_size) * c.batch_size
     n_parts = -(-len(records) // part_size)
-    stamp = f"{fp} {part_size}"  # parts are kept for the same content and the same boundaries
-    if merge and not work_dir_matches(parts_dir, stamp):
-        raise AtlasError(f"no collect parts of this config in {parts_dir} to merge; run the --shard jobs with the "
-                         "same config (and --set options) first")
-    if shard.group:
-        if shard.index == 0:
-            prepare_work_dir(parts_dir, stamp)
-        shard.barrier()
-    elif not merge:
-        prepare_work_dir(parts_dir, stamp)
+    # parts are kept for the same content and the same boundaries
+    shard.prepare_work_dir(parts_dir, f"{fp} {part_size}", merge=merge, what="collect parts")
     done = _finished_parts(parts_dir, part_size, len(records))
     mine = [] if merge else [i for i in sorted(set(range(n_parts)) - set(done)) if shard.owns(i)]
     if done and mine:
-        log(f"collect: resuming; {len(done)} of {n_parts} parts ({min(len(done) * part_size, len(records))} "
-            f"images) already done")
+        log(f"collect: {len(done)} of {n_parts} parts ({min(len(done) * part_size, len(records))} images) are "
+            f"already on disk; {shard.describe() + ' computes ' if not shard.alone else 'computing '}"
+            f"{len(mine)} more")
 
     t_loop = time.perf_counter()
     n_mine = sum(min(part_size, len(records) - i * part_size) for i in mine)
@@ -336,7 +329,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
                       for layer in config.layers}
         _collect_parts(tap, records, model.preprocess, [(i * part_size, min((i + 1) * part_size, len(records)))
                                                         for i in mine], candidates, config, device, parts_dir,
-                       show=shard.index == 0 or not shard.group)
+                       show=shard.leads)
     loop_seconds = time.perf_counter() - t_loop
     rate = n_mine / loop_seconds if loop_seconds > 0 else 0.0
     shard.barrier()  # under torchrun: every rank's parts are written

@@ -21,9 +21,11 @@ import datetime
 import functools
 import os
 import re
+from pathlib import Path
 
 import torch
 
+from .artifacts import prepare_work_dir, work_dir_matches
 from .errors import AtlasError
 from .runtime import pick_device
 
@@ -52,15 +54,47 @@ class Shard:
         (independent --shard jobs leave it to --merge)."""
         return self.alone or (self.group and self.index == 0)
 
+    @property
+    def leads(self) -> bool:
+        """Shows progress bars: the only process, rank 0 of a group, or an independent job."""
+        return self.index == 0 or not self.group
+
     def owns(self, piece: int) -> bool:
         return piece % self.count == self.index
 
     def barrier(self) -> None:
-        """Waits until every process of the group is here (nothing to wait for otherwise)."""
+        """Waits until every process of the group is here (nothing to wait for otherwise).
+
+        Raises:
+            AtlasError: another process of the group stopped (its own error says why).
+        """
         if self.group:
             import torch.distributed as dist
 
-            dist.barrier(group=_barrier_group())
+            try:
+                dist.barrier(group=_barrier_group())
+            except RuntimeError:  # gloo: "Connection closed by peer" when a rank has exited
+                raise AtlasError(f"{self.describe()}: another process of this torchrun group stopped; its error "
+                                 "above says why") from None
+
+    def prepare_work_dir(self, path: Path, stamp: str, *, merge: bool, what: str) -> None:
+        """Readies a stage's work folder for this process's pieces (stamp: what they are made with).
+
+        The only process prepares it, throwing away pieces of another config; in a group rank 0
+        does that while the others wait. An independent --shard job and --merge never throw
+        pieces away (another job may be writing them): they refuse a folder of another config.
+        """
+        if merge or not (self.alone or self.group):
+            if path.exists() and not work_dir_matches(path, stamp):
+                raise AtlasError(f"{path} holds {what} of another config (or other images); run every shard with the "
+                                 "same config and --set options, or delete that folder to start over")
+            if merge:
+                if not path.exists():
+                    raise AtlasError(f"no {what} in {path} to merge; run the --shard jobs first")
+                return
+        if self.index == 0 or not self.group:
+            prepare_work_dir(path, stamp)
+        self.barrier()
 
     def device(self, name: str, key: str) -> torch.device:
         """The device for a config's `device` value: under torchrun "auto" and "cuda" mean this

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from . import optvis
-from .artifacts import atomic_path, prepare_work_dir, work_dir_matches
+from .artifacts import atomic_path
 from .config import Config, RenderConfig
 from .distributed import ALONE, Shard
 from .errors import AtlasError
@@ -314,7 +314,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         return RenderSummary(True, [], "", time.perf_counter() - t0)
 
     keep_freed_memory()
-    device = shard.device(r.device, "render.device")
+    device = torch.device("cpu") if merge else shard.device(r.device, "render.device")  # a merge renders nothing
     model = load_model(config.model, config.weights, config.preprocess)
     # Channels-last runs the convolutions' forward and backward faster on the CPU (measured:
     # benchmarks/render.py) and is neutral or better on a GPU.
@@ -397,15 +397,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     t0 = time.perf_counter()
     fp = icons_fingerprint(config, grid, layer)
     partial = store.icons_work_dir(name, grid.size)
-    if merge and not work_dir_matches(partial, fp):
-        raise AtlasError(f"no icons of this config in {partial} to merge; run the --shard jobs with the same config "
-                         "(and --set options) first")
-    if shard.group:
-        if shard.index == 0:
-            prepare_work_dir(partial, fp)
-        shard.barrier()
-    elif not merge:
-        prepare_work_dir(partial, fp)
+    shard.prepare_work_dir(partial, fp, merge=merge, what="icons")
     m, attempts = len(grid), r.attempts
     jobs_cell = np.repeat(np.arange(m), attempts)  # job j = (cell j // attempts, attempt j % attempts)
     jobs_attempt = np.tile(np.arange(attempts), m)
@@ -424,7 +416,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     batch_size = (r.batch_size or _auto_batch_size(network, layer, vectors, settings)) if len(todo) else 1
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     progress = _progress(len(todo) / attempts, f"render {name} {grid.size}x{grid.size}",
-                         show=shard.index == 0 or not shard.group)
+                         show=shard.leads)
     t_loop = time.perf_counter()
     try:
         for batch in batches:

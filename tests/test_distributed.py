@@ -120,7 +120,7 @@ def test_collect_over_two_ranks_shards_and_a_killed_rank_is_byte_identical(tmp_p
     assert "part-000000004.npz" in parts and "part-000000012.npz" not in parts  # rank 1 did its first part only
     again = torchrun("-m", "atlas", "collect", str(path))
     assert again.returncode == 0, again.stderr
-    assert f"resuming; {len(parts)} of 6 parts" in again.stdout
+    assert f"collect: {len(parts)} of 6 parts" in again.stdout and "are already on disk" in again.stdout
     done_by_rank_1 = 3 - sum(name in parts for name in ("part-000000004.npz", "part-000000012.npz",
                                                          "part-000000020.npz"))
     assert f"rank 1 of 2: {done_by_rank_1} part(s)" in again.stdout
@@ -211,9 +211,11 @@ def test_a_shard_job_leaves_the_file_to_merge(tmp_path):
     with pytest.raises(AtlasError, match="1 of 2 collect parts are missing"):
         collect.run(config, log=lambda line: None, merge=True)
     changed = dataclasses.replace(config, collect=dataclasses.replace(config.collect, seed=5))
-    with pytest.raises(AtlasError, match="no collect parts of this config"):  # a merge never throws parts away
+    # neither a merge nor another job throws parts away: another config's folder is refused
+    with pytest.raises(AtlasError, match="holds collect parts of another config"):
         collect.run(changed, log=lambda line: None, merge=True)
+    with pytest.raises(AtlasError, match="holds collect parts of another config"):
+        collect.run(changed, log=lambda line: None, shard=parse_shard("1/2"))
     assert len(list(Run(config.run_dir, config).collect_parts_dir.glob("part-*.npz"))) == 1
-    collect.run(changed, log=lambda line: None, shard=parse_shard("1/2"))  # another config: parts thrown away
-    with pytest.raises(AtlasError, match="1 of 2 collect parts are missing"):
-        collect.run(changed, log=lambda line: None, merge=True)
+    collect.run(config, log=lambda line: None, shard=parse_shard("1/2"))
+    assert collect.run(config, log=lambda line: None, merge=True).assembled
