@@ -337,7 +337,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     if not (shard.writes_result or merge):
         left = n_parts - len(_finished_parts(parts_dir, part_size, len(records)))
         log(f"collect: {shard.describe()}: {len(mine)} part(s), {n_mine} images in {loop_seconds:.1f} s "
-            f"({rate:.1f} images/s); " + ("rank 0 assembles activations.h5" if shard.group else
+            f"({rate:.1f} images/s); " + (f"rank 0 writes {out_path.name}" if shard.group else
                                            f"{left} of {n_parts} parts still missing" if left else
                                            "every part is done") +
             ("" if shard.group else f"; when every shard has finished, run `atlas collect {config.run_dir} --merge`"))
