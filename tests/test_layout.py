@@ -413,3 +413,11 @@ def test_layout_stage_reads_the_samples_a_block_at_a_time(tmp_path, monkeypatch)
     config = toy_config(tmp_path, layout={"backend": "torchdr", "device": "cpu", "fit_samples": 300})
     assert run(config, log=lambda _: None).samples == {"blocks.1": 1000}
     assert reads and max(reads) <= 100  # the 300 fit samples are gathered block by block, never the whole layer
+
+
+def test_every_layout_key_is_in_the_readme_config_reference():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(LayoutConfig) if f"| `layout.{f.name}` |" not in readme]
+    assert not missing
