@@ -226,7 +226,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
         raise
     finally:
         leave()
-    if getattr(args, "serve", False):
+    if getattr(args, "serve", False) and shard.index == 0:
         from .view import serve
 
         serve(config.run_dir, args.port)

@@ -462,5 +462,5 @@ def _log_summary(s: CollectSummary, out_path: Path, log: Callable[[str], None]) 
         log(f"collect: layer {layer}: {count} samples")
     if s.accuracy is not None:
         log(f"collect: model top-1 accuracy against the folder labels: {100 * s.accuracy:.1f}%")
-    log(f"collect: {s.images_per_s:.1f} images/s, {s.seconds:.1f} s in all; wrote {out_path} "
-        f"({s.file_size / 2**20:.1f} MiB)")
+    rate = f"{s.images_per_s:.1f} images/s" if s.parts_done else "assembled from the parts on disk"
+    log(f"collect: {rate}, {s.seconds:.1f} s in all; wrote {out_path} ({s.file_size / 2**20:.1f} MiB)")
