@@ -4,7 +4,7 @@ layer to the next and a region of one atlas can be followed into the next.
 Each layer's layout is made on its own (UMAP's axes, rotation and mirror image are arbitrary), then
 every layer after the first is moved by the similarity transform (rotation or reflection, one
 scale, a shift) that best carries each image's centroid onto that image's centroid in the layer
-before it (orthogonal Procrustes), and scaled back into [0, 1]. A similarity transform keeps every
+before it (orthogonal Procrustes), then scaled back into [0, 1] by the caller. A similarity transform keeps every
 neighbourhood of the layout, so the layout's trustworthiness is unchanged up to that last scaling.
 """
 
@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-
 
 
 def image_centroids(xy: np.ndarray, image: np.ndarray, n_images: int) -> np.ndarray:
@@ -79,16 +78,6 @@ def fit_similarity(source: np.ndarray, target: np.ndarray) -> Similarity:
     return Similarity(rotation, scale, mb - scale * ma @ rotation)
 
 
-def rescale_unit(xy: np.ndarray) -> np.ndarray:
-    """Scales each axis to [0, 1] (min to 0, max to 1; an axis without spread to 0.5), float32."""
-    xy = np.asarray(xy, np.float64)
-    low, width = xy.min(0), np.ptp(xy, 0)
-    out = np.full_like(xy, 0.5)
-    spread = width > 0
-    out[:, spread] = (xy[:, spread] - low[spread]) / width[spread]
-    return np.clip(out, 0, 1).astype(np.float32)
-
-
 def align_layouts(layouts: Sequence[np.ndarray], images: Sequence[np.ndarray], n_images: int
                   ) -> tuple[list[np.ndarray], list[Similarity | None]]:
     """Aligns each layout to the (aligned) one before it on the images' centroids.
@@ -99,14 +88,15 @@ def align_layouts(layouts: Sequence[np.ndarray], images: Sequence[np.ndarray], n
         n_images: images in the run.
 
     Returns:
-        The aligned (n_l, 2) float32 layouts in [0, 1] (the first unchanged), and per layer the
-        transform applied (None for the first).
+        The aligned (n_l, 2) float64 layouts (the first unchanged; the others in the first one's
+        frame, which may reach outside [0, 1]: scale them back with
+        `layout.normalize_layout(xy, 0, 0)`), and per layer the transform applied (None for the first).
     """
-    aligned = [np.asarray(layouts[0], np.float32)] if len(layouts) else []
+    aligned = [np.asarray(layouts[0], np.float64)] if len(layouts) else []
     moves: list[Similarity | None] = [None] if len(layouts) else []
     for xy, image, previous, previous_image in zip(layouts[1:], images[1:], aligned, images):
         move = fit_similarity(image_centroids(xy, image, n_images), image_centroids(previous, previous_image, n_images))
-        aligned.append(rescale_unit(move(xy)))
+        aligned.append(move(xy))
         moves.append(move)
     return aligned, moves
 
