@@ -19,7 +19,8 @@ import math
 import numpy as np
 import torch
 
-PLACE_METRICS = ("cosine", "correlation", "euclidean")
+from .config import TORCHDR_METRICS as PLACE_METRICS  # one list, kept in config so configs are checked without torch
+
 PLACE_BLOCK_BYTES = 1 << 28  # the (new, fit) score block computed at once, 256 MiB of float32 (64 MiB: 1.3x slower)
 PLACE_QUERY_ROWS = 4096  # new samples per block; fixed, so blocks and results do not depend on the caller's
 SIGMA_STEPS = 60  # bisection steps for each sample's bandwidth (float64: converged long before)

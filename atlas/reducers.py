@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TORCHDR_METRICS
 from .errors import AtlasError
 from .placement import metric_rows
 
@@ -64,7 +63,7 @@ def fit_torchdr(x: np.ndarray, *, n_neighbors: int, min_dist: float, metric: str
         x: (m, C) float32 samples with at least 4 distinct rows.
         n_neighbors: UMAP's neighbourhood size, including the sample itself, as umap-learn counts.
         min_dist: UMAP's minimum distance.
-        metric: one of TORCHDR_METRICS.
+        metric: one of config.TORCHDR_METRICS (LayoutConfig checks it).
         seed: seeds the initialisation and negative sampling.
         dims: output dimensions.
         device: where TorchDR computes.
@@ -73,9 +72,6 @@ def fit_torchdr(x: np.ndarray, *, n_neighbors: int, min_dist: float, metric: str
         (m, dims) float32 embedding, and info: `n_neighbors` (as used), `epochs`,
         `negative_sample_rate`.
     """
-    if metric not in TORCHDR_METRICS:
-        raise AtlasError(f"layout.backend = \"torchdr\" lays out with the {', '.join(TORCHDR_METRICS)} metrics, "
-                         f"not {metric!r}; use one of those or layout.backend = \"umap-learn\"")
     torchdr = import_torchdr()
     rows = metric_rows(x, metric)
     distinct = len(torch.unique(rows, dim=0))
