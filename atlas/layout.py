@@ -11,7 +11,8 @@ placed as `placement` says), `n_neighbors` (effective; lower than asked when the
 samples, or for torchdr fewer distinct samples), `n_neighbors_requested`, `min_dist`, `metric`,
 `knn` ("exact"; umap-learn: "nn-descent" past EXACT_KNN_PAIRS = n * n_fit), `epochs`
 (optimisation epochs: umap-learn's rule, 500 up to 10,000 fit samples, else 200; torchdr is given
-the same), `placement` ("transform": umap-learn's; "nearest-fit-mean": atlas.placement),
+the same), `placement` ("none" when every sample was fitted; "transform": umap-learn's; "nearest-fit-mean":
+atlas.placement),
 `pca_dims` (effective, 0 = none), `pca_variance` (the fraction of the fit sample's variance, or of
 its second moment for the cosine metric, that the PCA keeps; 1.0 without PCA), `seed`,
 `clip_percentile`, `margin`, `trustworthiness` (scikit-learn's, NaN when not computed),
@@ -240,7 +241,7 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
             for rows_idx, rows in iter_selected(acts, rest, TRANSFORM_ROWS):
                 raw[rows_idx] = reducer.transform(projection(rows) if projection else rows)
         fitted = {"knn": "nn-descent" if approximate else "exact", "epochs": umap_epochs(n_fit),
-                  "placement": "transform"}
+                  "placement": "transform" if rest.any() else "none"}
     else:
         fit_xy, fitted = fit_torchdr(fit_x, n_neighbors=n_used, min_dist=min_dist, metric=metric, seed=seed,
                                      dims=dims, device=where)
@@ -250,7 +251,7 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
         for rows_idx, rows in iter_selected(acts, rest, TRANSFORM_ROWS):
             raw[rows_idx] = place_samples(fit_x, fit_xy, projection(rows) if projection else rows,
                                           n_neighbors=n_used, metric=metric, device=where)
-        fitted.update(knn="exact", placement="nearest-fit-mean")
+        fitted.update(knn="exact", placement="nearest-fit-mean" if rest.any() else "none")
     del fit_x
     t_transform = time.perf_counter()
     if not np.isfinite(raw).all():
@@ -426,7 +427,8 @@ def _layer_line(name: str, info: dict[str, Any], seconds: float) -> str:
         how = "transform" if info["placement"] == "transform" else "their nearest fit samples"
         parts.append(f"fitted on {info['n_fit']}, rest placed by {how}")
     if info["n_neighbors"] < info["n_neighbors_requested"]:
-        parts.append(f"n_neighbors lowered to {info['n_neighbors']} (fewer samples than asked for)")
+        parts.append(f"n_neighbors lowered to {info['n_neighbors']} (fewer "
+                     + ("distinct " if info["backend"] == "torchdr" else "") + "samples than asked for)")
     if info["pca_dims"]:
         parts.append(f"PCA to {info['pca_dims']} dims keeps {100 * info['pca_variance']:.0f}%")
     trust = info["trustworthiness"]
