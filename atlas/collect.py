@@ -306,7 +306,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     tap = LayerTap(module, config.layers, config.model, maps)
     stats = image_stats(records)
     fp = collect_fingerprint(config, model.preprocess, records, stats)
-    if not force and store.is_current(out_path, fp):
+    # a merge assembles the parts on disk even over a current file (shards run with --force left them)
+    if not force and not (merge and store.collect_parts_dir.exists()) and store.is_current(out_path, fp):
         log(f"collect: {out_path} is up to date, skipped")
         return CollectSummary(True, len(records), 0, {}, {}, None, 0.0, 0.0, out_path.stat().st_size, 0)
 

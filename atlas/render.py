@@ -308,7 +308,9 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
                          f"{', '.join(m.name for m in specs)}")
     jobs = [(m, size) for m in specs for size in r.sizes_of(m.name, config.grid.sizes)]
     grids = {(m.name, size): grid_file.grid(m.name, size) for m, size in jobs}
-    todo = [(m, size) for m, size in jobs if force or store.icons_state(m, grids[(m.name, size)])[0] != "current"]
+    # a merge writes every folder whose pieces are on disk, even over current icons (shards run with --force)
+    todo = [(m, size) for m, size in jobs if force or store.icons_state(m, grids[(m.name, size)])[0] != "current"
+            or (merge and store.icons_work_dir(m.name, size).exists())]
     if not todo:
         log(f"render: up to date, skipped ({len(jobs)} icon folder(s) in {store.root})")
         return RenderSummary(True, [], "", time.perf_counter() - t0)

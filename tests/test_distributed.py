@@ -51,6 +51,16 @@ def tiny_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """collect.threads sets this process's torch threads; later tests get theirs back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(TESTS))
 
@@ -96,7 +106,8 @@ def test_work_folder_is_kept_for_its_fingerprint_only(tmp_path):
 def test_collect_over_two_ranks_shards_and_a_killed_rank_is_byte_identical(tmp_path, capsys):
     write_images(tmp_path / "images", 22)  # 6 parts of 4 images, the last one short
     path = tmp_path / "run.toml"
-    path.write_text(config_text(tmp_path / "run", tmp_path / "images", images_per_part=4))
+    # torchrun gives each rank one thread; byte identity holds at equal thread counts (README)
+    path.write_text(config_text(tmp_path / "run", tmp_path / "images", images_per_part=4, threads=1))
     config = load_config(path)
     out = config.run_dir / "activations.h5"
     collect.run(config, log=lambda line: None)
@@ -219,3 +230,12 @@ def test_a_shard_job_leaves_the_file_to_merge(tmp_path):
     assert len(list(Run(config.run_dir, config).collect_parts_dir.glob("part-*.npz"))) == 1
     collect.run(config, log=lambda line: None, shard=parse_shard("1/2"))
     assert collect.run(config, log=lambda line: None, merge=True).assembled
+    parts_dir = Run(config.run_dir, config).collect_parts_dir
+    assert not parts_dir.exists()
+
+    # shards forced over a current file: the merge assembles their parts rather than calling it current
+    for share in ("0/2", "1/2"):
+        collect.run(config, log=lambda line: None, shard=parse_shard(share), force=True)
+    assert len(list(parts_dir.glob("part-*.npz"))) == 2
+    assert collect.run(config, log=lambda line: None, merge=True).assembled
+    assert not parts_dir.exists()
