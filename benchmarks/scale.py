@@ -16,6 +16,7 @@ with peak RSS under 4 GiB and under 15 minutes.
     python benchmarks/scale.py --backend torchdr        # one backend
     python benchmarks/scale.py --n 200000 --fit-samples 20000
     python benchmarks/scale.py --small                  # 50,000 x 32, a quick check
+    python benchmarks/scale.py --backend torchdr --device cuda   # TorchDR on a GPU
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--fit-samples", type=int, default=None, help="layout.fit_samples (default: the config default)")
     parser.add_argument("--small", action="store_true", help="50,000 x 32: a quick check")
     parser.add_argument("--dir", type=Path, help="write the run here and keep it (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu",
+                        help="layout.device for the torchdr backend: cpu (default), cuda, cuda:N, auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     n, channels = (50_000, 32) if args.small else (args.n, args.channels)
@@ -116,7 +119,7 @@ def main() -> None:
               f"activations.h5 written in {time.perf_counter() - t:.0f} s; {os.cpu_count()} cores", flush=True)
         results = []
         for backend in backends:
-            sets = ["--set", f"layout.backend={backend}", "--set", "layout.device=cpu"]
+            sets = ["--set", f"layout.backend={backend}", "--set", f"layout.device={args.device}"]
             if args.fit_samples is not None:
                 sets += ["--set", f"layout.fit_samples={args.fit_samples}"]
             layout = run_stage(["layout", str(run_dir), "--force", *sets])

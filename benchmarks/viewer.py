@@ -128,7 +128,7 @@ def screenshots(page, out: Path, map_name: str) -> None:
     page.wait_for_function("ATLAS_VIEW.ready()")
     page.wait_for_timeout(500)
     page.screenshot(path=str(out / "viewer-class.png"))
-    page.goto(page.url.split("#")[0] + f"#map=blocks.10&with=blocks.15&z=1")
+    page.goto(page.url.split("#")[0] + "#map=blocks.10&with=blocks.15&z=1")
     page.wait_for_function("ATLAS_VIEW.ready()")
     cx, cy = page.evaluate("ATLAS_VIEW.cellCentre(0, 2, 7)")
     page.mouse.move(cx, cy)

@@ -325,7 +325,7 @@ def test_two_runs_match_images_by_path(toy_run, tmp_path, capsys):
 def test_compare_above_the_threshold_uses_descent(toy_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(compare_mod, "EXACT_MAX_IMAGES", 5)  # the toy run's 12 images count as many
     out = tmp_path / "approx.png"
-    result = compare_runs([toy_run], neighbors=2, out=out)
+    compare_runs([toy_run], neighbors=2, out=out)
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["knn"] == {"method": "nn-descent", "exact_max_images": 5, "seed": 0, "recall_rows": 12,
                            "recall": [1.0, 1.0]}  # 12 images: the descent finds them all

@@ -4,7 +4,6 @@ that no module outside the store spells an HDF5 key or an artifact file name."""
 from __future__ import annotations
 
 import ast
-import json
 import re
 import shutil
 from pathlib import Path
