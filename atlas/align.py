@@ -4,8 +4,9 @@ layer to the next and a region of one atlas can be followed into the next.
 Each layer's layout is made on its own (UMAP's axes, rotation and mirror image are arbitrary), then
 every layer after the first is moved by the similarity transform (rotation or reflection, one
 scale, a shift) that best carries each image's centroid onto that image's centroid in the layer
-before it (orthogonal Procrustes), then scaled back into [0, 1] by the caller. A similarity transform keeps every
-neighbourhood of the layout, so the layout's trustworthiness is unchanged up to that last scaling.
+before it (orthogonal Procrustes), then brought back inside [0, 1] by the caller (atlas.layout's
+`fit_inside`: one scale for both axes, only when needed). A similarity transform keeps every
+neighbourhood of the layout, so the layout's trustworthiness is unchanged.
 """
 
 from __future__ import annotations

@@ -188,6 +188,7 @@ class LayoutConfig:
     focus_layers: tuple[str, ...] = ()  # layers that get the class atlases and two-class views; empty = every layer
     backend: str = "umap-learn"  # "umap-learn" (numba, CPU) or "torchdr" (PyTorch UMAP on the CPU or a GPU; rest placed by nearest fit samples)
     device: str = "auto"  # torchdr's device: "auto" (cuda if present), "cpu", "cuda", "cuda:N"; umap-learn runs on the CPU
+    align: bool = False  # move each layer's map onto the one before (rotation/mirror, scale, shift fitted on image centroids), so a region can be followed from layer to layer
 
     def __post_init__(self) -> None:
         _check_fields(self, "layout.", n_neighbors=2, min_dist=0, pca_dims=0, fit_samples=0, margin=0, seed=0,

@@ -160,16 +160,32 @@ def class_rows(top: np.ndarray, score: np.ndarray, c: int, n_top: int) -> np.nda
     return np.union1d(np.flatnonzero(np.asarray(top) == c), ranked).astype(np.int64)
 
 
-def pair_axis(diff: np.ndarray, percentile: float = PAIR_PERCENTILE) -> np.ndarray:
+def class_threshold(score: np.ndarray, n_top: int) -> float:
+    """The smallest attribution among the n_top samples `class_rows` adds for being most attributed
+    to the class (inf when it adds none): a new sample with at least this much attribution, or whose
+    top class is the class, belongs to the class atlas (atlas.place)."""
+    score = np.asarray(score, dtype=np.float64)
+    ranked = np.sort(score[score > 0])[::-1][:n_top]
+    return float(ranked[-1]) if len(ranked) else float("inf")
+
+
+def pair_scale(diff: np.ndarray, percentile: float = PAIR_PERCENTILE) -> float:
+    """The percentile of |diff| that `pair_axis` divides by (0 when there is no difference)."""
+    diff = np.asarray(diff, dtype=np.float64)
+    return float(np.percentile(np.abs(diff), percentile)) if len(diff) else 0.0
+
+
+def pair_axis(diff: np.ndarray, percentile: float = PAIR_PERCENTILE, scale: float | None = None) -> np.ndarray:
     """The two-class view's x: diff / (the percentile of |diff|), clipped to [-1, 1], mapped to [0, 1].
 
     Args:
         diff: (n,) attr[b] - attr[a] of each sample.
+        scale: divide by this instead (the view's own `pair_scale`, to place new samples on it).
 
     Returns:
-        (n,) float32 in [0, 1]; 0.5 where there is no difference (and everywhere if diff is all 0).
+        (n,) float32 in [0, 1]; 0.5 where there is no difference (and everywhere if the scale is 0).
     """
     diff = np.asarray(diff, dtype=np.float64)
-    scale = float(np.percentile(np.abs(diff), percentile)) if len(diff) else 0.0
+    scale = pair_scale(diff, percentile) if scale is None else float(scale)
     x = np.clip(diff / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(diff)
     return ((x + 1.0) / 2.0).astype(np.float32)

@@ -45,11 +45,11 @@ import torch
 from .blocks import block_rows, iter_selected, scan_rows, take_rows
 from .config import METRICS, Config, LayoutConfig
 from .errors import AtlasError
-from .focus import MapSpec, class_rows, class_scores, pair_axis, plan_maps
+from .focus import MapSpec, class_rows, class_scores, class_threshold, pair_axis, pair_scale, plan_maps
 from .placement import place_samples
 from .reducers import backend_version, fit_torchdr, make_umap_learn, umap_epochs
 from .runtime import pick_device
-from .store import LayerSamples, Layout, MapLayout, Run
+from .store import Activations, LayerSamples, Layout, MapLayout, MapPlacement, Run
 
 MIN_SAMPLES = 4  # UMAP's spectral initialisation needs more samples than n_components + 1
 TRANSFORM_ROWS = 65_536  # samples placed per UMAP.transform or place_samples call (fixed, so results are reproducible)
@@ -61,6 +61,45 @@ EXACT_KNN_PAIRS = 1_000_000
 
 # ---------------------------------------------------------------------------------------------
 # Pure core
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """The scaling `normalize_layout` fitted: x -> clip((x - low) / width, 0, 1) per axis, 0.5 on an
+    axis without spread. Kept in layout.h5 (`norm_low`, `norm_width`) so that new samples placed
+    later (atlas.place) land where the layout's own samples at the same raw position did."""
+
+    low: np.ndarray  # (d,) float64 minimum of the clipped positions
+    width: np.ndarray  # (d,) float64 their range; 0 = no spread
+
+    def __call__(self, xy: np.ndarray) -> np.ndarray:
+        """(n, d) float positions -> (n, d) float32 in [0, 1]."""
+        xy = np.asarray(xy, dtype=np.float64)
+        out = np.full_like(xy, 0.5)
+        spread = self.width > 0
+        out[:, spread] = (xy[:, spread] - self.low[spread]) / self.width[spread]
+        # clipping the raw position to [low, low + width] first gives the same result
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def fit_normalization(xy: np.ndarray, clip_percentile: float = 1.0, margin: float = 0.1) -> Normalization:
+    """The scaling of `normalize_layout` for these positions (see there)."""
+    xy = np.asarray(xy, dtype=np.float64)
+    if xy.ndim != 2 or len(xy) == 0:
+        raise ValueError(f"xy must be a non-empty (n, d) array, got shape {xy.shape}")
+    lo = np.percentile(xy, clip_percentile, axis=0)
+    hi = np.percentile(xy, 100 - clip_percentile, axis=0)
+    span = hi - lo
+    clipped = np.clip(xy, lo - margin * span, hi + margin * span)
+    return Normalization(clipped.min(axis=0), np.ptp(clipped, axis=0))
+
+
+def fit_inside(xy: np.ndarray) -> Normalization:
+    """The scaling that brings positions into the unit square with the least change: none when
+    they are inside it, else one scale for both axes about its centre (so shapes and
+    neighbourhoods are kept, unlike `normalize_layout`'s per-axis stretch)."""
+    half = max(0.5, float(np.abs(np.asarray(xy, np.float64) - 0.5).max(initial=0.0)))
+    return Normalization(np.full(2, 0.5 - half), np.full(2, 2 * half))
 
 
 def normalize_layout(xy: np.ndarray, clip_percentile: float = 1.0, margin: float = 0.1) -> np.ndarray:
@@ -79,18 +118,7 @@ def normalize_layout(xy: np.ndarray, clip_percentile: float = 1.0, margin: float
     Returns:
         (n, 2) float32 in [0, 1].
     """
-    xy = np.asarray(xy, dtype=np.float64)
-    if xy.ndim != 2 or len(xy) == 0:
-        raise ValueError(f"xy must be a non-empty (n, d) array, got shape {xy.shape}")
-    lo = np.percentile(xy, clip_percentile, axis=0)
-    hi = np.percentile(xy, 100 - clip_percentile, axis=0)
-    span = hi - lo
-    clipped = np.clip(xy, lo - margin * span, hi + margin * span)
-    low, width = clipped.min(axis=0), np.ptp(clipped, axis=0)
-    out = np.full_like(clipped, 0.5)
-    spread = width > 0
-    out[:, spread] = (clipped[:, spread] - low[spread]) / width[spread]
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return fit_normalization(xy, clip_percentile, margin)(xy)
 
 
 def check_spread(acts: np.ndarray, metric: str) -> None:
@@ -172,10 +200,28 @@ def trustworthiness_of(acts: np.ndarray, xy: np.ndarray, n_neighbors: int = 10,
     return float(trustworthiness(acts, xy, n_neighbors=k, metric=metric))
 
 
-def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metric: str = "cosine",
-              pca_dims: int = 0, fit_samples: int = 100_000, clip_percentile: float = 1.0, margin: float = 0.1,
-              seed: int = 0, trust_samples: int = 2000, trust_neighbors: int = 10, dims: int = 2,
-              backend: str = "umap-learn", device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+@dataclasses.dataclass
+class LayoutFit:
+    """A layout and what placing new samples on it needs (atlas.place, through layout.h5)."""
+
+    xy: np.ndarray  # (n, dims) float32 in [0, 1]
+    info: dict[str, Any]  # the reducer's parameters, trustworthiness and `norm_low`, `norm_width`
+    fit_rows: np.ndarray  # (m,) int64 sorted rows of `acts` the reducer was fitted on
+    fit_raw: np.ndarray  # (m, dims) float32 their positions as the reducer gave them (before normalising)
+    projection: Projection | None  # the PCA the fit samples went through, if any
+    normalization: Normalization  # raw positions -> [0, 1]
+
+
+def layout_2d(acts: Any, **options: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """`fit_layout`'s positions and info (its arguments and the info keys are documented there)."""
+    fit = fit_layout(acts, **options)
+    return fit.xy, fit.info
+
+
+def fit_layout(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metric: str = "cosine",
+               pca_dims: int = 0, fit_samples: int = 100_000, clip_percentile: float = 1.0, margin: float = 0.1,
+               seed: int = 0, trust_samples: int = 2000, trust_neighbors: int = 10, dims: int = 2,
+               backend: str = "umap-learn", device: str = "auto") -> LayoutFit:
     """Lays out activation samples in 2-D (or `dims`-D) with UMAP and normalises the result to [0, 1].
 
     Fits UMAP (after the optional PCA) on at most `fit_samples` samples drawn with `seed` and
@@ -204,9 +250,9 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
         device: torchdr's device, "auto", "cpu", "cuda" or "cuda:N" (umap-learn: "auto" or "cpu").
 
     Returns:
-        xy: (n, dims) float32 in [0, 1].
-        info: the reducer's parameters and trustworthiness (the keys listed in the module
-            docstring).
+        A LayoutFit: `xy` (n, dims) float32 in [0, 1]; `info`, the reducer's parameters and
+        trustworthiness (the keys listed in the module docstring); the fit rows, their raw
+        positions, the PCA and the normalisation (what `place_samples` needs to place new samples).
     """
     t0 = time.perf_counter()
     n = len(acts)
@@ -253,11 +299,13 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
                                           n_neighbors=n_used, metric=metric, device=where)
         fitted.update(knn="exact", placement="nearest-fit-mean" if rest.any() else "none")
     del fit_x
+    fit_raw = raw[fit_idx]
     t_transform = time.perf_counter()
     if not np.isfinite(raw).all():
         raise AtlasError("UMAP produced non-finite positions; try another layout.seed or layout.metric = \"euclidean\"")
 
-    xy = normalize_layout(raw, clip_percentile, margin)
+    normalization = fit_normalization(raw, clip_percentile, margin)
+    xy = normalization(raw)
     trust = (trustworthiness_of(trust_x, xy[trust_idx], trust_neighbors, metric)
              if len(trust_idx) else float("nan"))
     info = {
@@ -269,8 +317,9 @@ def layout_2d(acts: Any, *, n_neighbors: int = 20, min_dist: float = 0.01, metri
         "trust_samples": len(trust_idx), "trust_neighbors": trust_neighbors, "backend": backend,
         "backend_version": backend_version(backend), "device": _device_name(where),
         "fit_seconds": t_fit - t0, "transform_seconds": t_transform - t_fit,
+        "norm_low": normalization.low, "norm_width": normalization.width,
     }
-    return xy, info
+    return LayoutFit(xy, info, fit_idx.astype(np.int64), fit_raw, projection, normalization)
 
 
 def pick_samples(n: int, fit_samples: int, trust_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -362,14 +411,17 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
             samples = acts.layer(name)
             t_layer = time.perf_counter()
             try:
-                xy, info = layout_2d(samples.acts, **options)
+                fit = fit_layout(samples.acts, **options)
             except AtlasError as exc:
                 raise AtlasError(f"layout of layer {name!r}: {exc}") from None
-            maps[name] = MapLayout(xy, info)
-            log(_layer_line(name, info, time.perf_counter() - t_layer))
+            fit.info["aligned"] = False
+            maps[name] = MapLayout(fit.xy, fit.info, None, kept_for_placing(fit))
+            log(_layer_line(name, fit.info, time.perf_counter() - t_layer))
             focus = [m for m in specs if m.layer == name and m.kind != "layer"]
             if focus:
                 maps.update(layout_focus_maps(samples, focus, options, cfg.class_top, log))
+        if len(config.layers) > 1:
+            align_layer_maps(acts, config.layers, maps, options, cfg.align, log)
         acts_fp = acts.fingerprint
 
     store.write_layout(Layout(maps, expected, acts_fp, config, specs))
@@ -403,21 +455,137 @@ def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: 
     for m in specs:
         t_map = time.perf_counter()
         rows = selected[m.classes[0]] if m.kind == "class" else np.union1d(*(selected[c] for c in m.classes))
+        # what decides whether a new sample belongs to the map (atlas.place): per class, the
+        # attribution that got a sample in for being among the most attributed
+        thresholds = [class_threshold(scores[:, columns.index(c)], class_top) for c in m.classes]
         try:
             if m.kind == "class":
-                xy, info = layout_2d(take_rows(samples.acts, rows), **options)
+                fit = fit_layout(take_rows(samples.acts, rows), **options)
+                xy, info = fit.xy, fit.info
             else:
-                y, info = layout_2d(take_rows(samples.acts, rows), **options, dims=1)
+                fit = fit_layout(take_rows(samples.acts, rows), **options, dims=1)
                 a, b = (columns.index(c) for c in m.classes)
-                xy = np.column_stack([pair_axis(scores[rows, b] - scores[rows, a]), y[:, 0]]).astype(np.float32)
+                diff = scores[rows, b] - scores[rows, a]
+                scale = pair_scale(diff)
+                xy = np.column_stack([pair_axis(diff, scale=scale), fit.xy[:, 0]]).astype(np.float32)
+                info = {**fit.info, "pair_scale": scale}
         except AtlasError as exc:
             raise AtlasError(f"layout of {m.name!r} ({len(rows)} samples for {' and '.join(m.class_names)}): {exc}; "
                              "or raise layout.class_top") from None
         info.update(kind=m.kind, classes=list(m.classes), class_names=list(m.class_names), layer=layer,
-                    class_top=class_top)
-        out[m.name] = MapLayout(xy, info, rows)
+                    class_top=class_top, class_threshold=np.array(thresholds), aligned=False)
+        out[m.name] = MapLayout(xy, info, rows, kept_for_placing(fit, rows))
         log(_layer_line(m.name, info, time.perf_counter() - t_map))
     return out
+
+
+def kept_for_placing(fit: LayoutFit, rows: np.ndarray | None = None) -> MapPlacement:
+    """What layout.h5 keeps of a fit for placing new samples (atlas.place); `rows`: a focus map's
+    layer rows, so the fit rows are stored as rows of the layer."""
+    fit_rows = fit.fit_rows if rows is None else np.asarray(rows, np.int64)[fit.fit_rows]
+    pca = fit.projection
+    return MapPlacement(fit_rows, fit.fit_raw, pca.mean if pca else None, pca.components if pca else None)
+
+
+def map_positions(raw: np.ndarray, info: dict[str, Any], pair_diff: np.ndarray | None = None) -> np.ndarray:
+    """Where samples at raw reducer positions land on a map, by the steps the layout stage took
+    for its own samples: the normalisation (`norm_low`, `norm_width`), for a two-class view the
+    attribution axis (`pair_scale`; x = the scaled `pair_diff`, y = the normalised 1-D position),
+    and for an aligned layer the alignment (`align_*`).
+
+    Args:
+        raw: (n, d) float positions in the reducer's own frame (d = 1 for a two-class view).
+        info: the map's info (`MapLayout.info`, arrays or lists).
+        pair_diff: (n,) attr[b] - attr[a], for a two-class view.
+
+    Returns:
+        (n, 2) float32 in [0, 1]; the layout's own fit samples get exactly their `xy`.
+    """
+    xy = Normalization(np.asarray(info["norm_low"], np.float64), np.asarray(info["norm_width"], np.float64))(raw)
+    if info.get("kind") == "pair":
+        if pair_diff is None:
+            raise ValueError("a two-class view places samples by their attribution: pass pair_diff")
+        xy = np.column_stack([pair_axis(pair_diff, scale=info["pair_scale"]), xy[:, 0]]).astype(np.float32)
+    if info.get("align_to"):
+        from .align import Similarity
+
+        move = Similarity(np.asarray(info["align_rotation"], np.float64), float(info["align_scale"]),
+                          np.asarray(info["align_shift"], np.float64))
+        xy = Normalization(np.asarray(info["align_low"], np.float64),
+                           np.asarray(info["align_width"], np.float64))(move(xy))
+    return xy
+
+
+def align_layer_maps(acts: Activations, layers: Sequence[str], maps: dict[str, MapLayout], options: dict[str, Any],
+                     align: bool, log: Callable[[str], None]) -> None:
+    """Measures, and with `align` removes, how far apart each image's samples land from one layer's
+    map to the next (atlas.align); updates the layer maps in `maps` in place.
+
+    Every layer after the first is moved by the similarity transform that carries its image
+    centroids onto the layer before's (already moved) ones, into the first layer's frame, and
+    brought inside [0, 1] by `fit_inside`. Not by `normalize_layout(xy, 0, 0)`: the fitted scale is
+    below 1 whenever the layers disagree, and stretching each axis back to [0, 1] undid much of
+    the alignment (toy layouts: median centroid distance 0.22 in the first layer's frame, 0.39
+    after the stretch, 0.59 independent) and bent neighbourhoods; the price is that an aligned
+    map can leave a margin of the square empty. Records on each layer map `aligned`, and with align `align_to`
+    (the layer before; "" for the first), the transform (`align_rotation` (2, 2), `align_scale`,
+    `align_shift` (2,)), the scaling back (`align_low`, `align_width`) and the trustworthiness before
+    it (`trustworthiness_independent`; `trustworthiness` is then the aligned layout's, measured on
+    the same samples). On each layer after the first: `centroid_distance_independent` and, with
+    align, `centroid_distance_aligned`, the median distance in [0, 1] map units between an image's
+    centroids on this map and on the layer before's.
+    """
+    from .align import align_layouts, centroid_distance
+
+    n_images = len(acts.images)
+    images = [acts.layer(name).image for name in layers]
+    before = [maps[name].xy for name in layers]
+    moved: list[np.ndarray] = before
+    if align:
+        try:
+            aligned, moves = align_layouts(before, images, n_images)
+        except ValueError as exc:
+            raise AtlasError(f"layout.align: {exc} (layers {', '.join(layers)})") from None
+        moved = [before[0]]
+        maps[layers[0]].info.update(aligned=True, align_to="")
+        for name, xy, move, previous in zip(layers[1:], aligned[1:], moves[1:], layers):
+            assert move is not None
+            back = fit_inside(xy)
+            moved.append(back(xy))
+            info = maps[name].info
+            samples = acts.layer(name).acts
+            _, trust_idx = pick_samples(len(samples), options["fit_samples"], options["trust_samples"],
+                                        options["seed"])
+            trust = (trustworthiness_of(take_rows(samples, trust_idx), moved[-1][trust_idx],
+                                        options["trust_neighbors"], options["metric"])
+                     if len(trust_idx) else float("nan"))
+            info.update(aligned=True, align_to=previous, align_rotation=move.rotation, align_scale=move.scale,
+                        align_shift=move.shift, align_low=back.low, align_width=back.width,
+                        trustworthiness_independent=info["trustworthiness"], trustworthiness=trust)
+            maps[name].xy = moved[-1]
+    for k in range(1, len(layers)):
+        info = maps[layers[k]].info
+        info["centroid_distance_independent"] = centroid_distance(before[k - 1], images[k - 1], before[k], images[k],
+                                                                  n_images)
+        if align:
+            info["centroid_distance_aligned"] = centroid_distance(moved[k - 1], images[k - 1], moved[k], images[k],
+                                                                  n_images)
+        log(_align_line(layers[k - 1], layers[k], info))
+
+
+def _align_line(previous: str, name: str, info: dict[str, Any]) -> str:
+    apart = f"median image-centroid distance {info['centroid_distance_independent']:.3f}"
+    if "centroid_distance_aligned" not in info:
+        return (f"layout: {previous} -> {name}: {apart} (map units; independent layouts, layout.align = true "
+                "aligns them)")
+    rotation = np.asarray(info["align_rotation"])
+    angle = float(np.degrees(np.arctan2(rotation[0, 1], rotation[0, 0])))
+    how = f"rotated {angle:.0f} deg{', mirrored' if np.linalg.det(rotation) < 0 else ''}, scale {info['align_scale']:.2f}"
+    line = f"layout: aligned {name} to {previous} ({how}): {apart} -> {info['centroid_distance_aligned']:.3f} (map units)"
+    before, after = info["trustworthiness_independent"], info["trustworthiness"]
+    if np.isfinite(before) and np.isfinite(after):
+        line += f", trustworthiness {before:.3f} -> {after:.3f}"
+    return line
 
 
 def _layer_line(name: str, info: dict[str, Any], seconds: float) -> str:

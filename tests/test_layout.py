@@ -204,8 +204,9 @@ def test_run_writes_layout_h5_skips_when_up_to_date_and_redoes_on_change(tmp_pat
     lines = []
     summary = run(config, log=lines.append)
     assert not summary.skipped and summary.samples == {"blocks.1": 120, "blocks.2": 120}
-    assert len(lines) == 3 and lines[0].startswith("layout: layer blocks.1: 120 samples")
-    assert "trustworthiness" in lines[0] and lines[2].startswith("layout: 2 layer(s), 240 samples")
+    assert len(lines) == 4 and lines[0].startswith("layout: layer blocks.1: 120 samples")
+    assert lines[2].startswith("layout: blocks.1 -> blocks.2: median image-centroid distance 0.")
+    assert "trustworthiness" in lines[0] and lines[3].startswith("layout: 2 layer(s), 240 samples")
     path = tmp_path / "layout.h5"
     attrs = file_attrs(path)
     assert attrs["stage"] == "layout" and attrs["complete"] and attrs["inputs"] == "toy-activations"

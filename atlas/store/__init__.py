@@ -10,6 +10,7 @@ A run directory holds:
     <map>/icons-<N>/             render: an icon per cell, icons.json
     <map>/atlas-<N>.png          mosaic: the atlas (and atlas-preview-<N>.png, -labels variants)
     <map>/inspect/, patches/     readers' outputs; receptive-field.json (cached)
+    <map>/place/                 atlas place: <image>-<N>.png (markers on the atlas), <image>.json
     compare-<N>.png              atlas compare
 
 `<map>` is a layer, or a focus map `<layer>/class-<slug>` or `<layer>/pair-<a>-<b>`. Every
@@ -19,9 +20,9 @@ run) what is missing or stale; see `atlas.store.run` for the rule.
 
 from .activations import Activations, ActivationsWriter, Images, LayerSamples
 from .images import FINGERPRINT_KEY, ICONS_JSON, IconSet, icon_file, png_fingerprint, write_image, write_json
-from .maps import Grid, GridFile, GridSet, Layout, MapLayout, maps_from_json, maps_to_json
+from .maps import Grid, GridFile, GridSet, Layout, MapLayout, MapPlacement, maps_from_json, maps_to_json
 from .run import Run
 
 __all__ = ["Activations", "ActivationsWriter", "FINGERPRINT_KEY", "Grid", "GridFile", "GridSet", "ICONS_JSON",
-           "IconSet", "Images", "LayerSamples", "Layout", "MapLayout", "Run", "icon_file", "maps_from_json",
+           "IconSet", "Images", "LayerSamples", "Layout", "MapLayout", "MapPlacement", "Run", "icon_file", "maps_from_json",
            "maps_to_json", "png_fingerprint", "write_image", "write_json"]

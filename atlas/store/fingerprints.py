@@ -80,7 +80,7 @@ def collect_fingerprint(config: Config, preprocess: Any, records: Sequence[Image
 LAYOUT_KEYS_IGNORED = ("device",)
 # [layout] settings that change layout.h5 only when set: at their defaults they lay out as before
 # they existed, so runs laid out earlier stay current.
-LAYOUT_KEYS_IF_SET = {"backend": "umap-learn"}
+LAYOUT_KEYS_IF_SET = {"backend": "umap-learn", "align": False}
 
 
 def layout_fingerprint(config: Config, activations: str) -> str:

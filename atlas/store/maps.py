@@ -5,7 +5,12 @@ Schemas (documented for users in README):
 layout.h5
 - `/<map>/xy` (n, 2) float32 in [0, 1]; a layer's map has row i = sample i of the layer; a focus
   map (`<layer>/class-<slug>`, `<layer>/pair-<a>-<b>`) also has `/<map>/rows` (n,) int64, the
-  sorted sample rows it lays out. Group attrs: the reducer's parameters (see atlas.layout).
+  sorted sample rows it lays out. Group attrs: the reducer's parameters, the normalisation and the
+  alignment (see atlas.layout).
+- what placing new samples needs (atlas.place): `/<map>/fit_rows` (m,) int64 layer rows the
+  reducer was fitted on, `/<map>/fit_raw` (m, d) float32 their positions before normalising (d = 1
+  for a two-class view's y), and with PCA `/<map>/pca_mean` (C,), `/<map>/pca_components` (C, k)
+  float32.
 - file attrs: provenance (`inputs` = the activations' fingerprint), `layers`, `maps`.
 
 grid.h5
@@ -81,6 +86,20 @@ class MapLayout:
     xy: np.ndarray  # (n, 2) float32 in [0, 1]; row i = sample rows[i] of the layer
     info: dict[str, Any]  # reducer parameters and trustworthiness (the attrs of /<map>)
     rows: np.ndarray | None = None  # (n,) int64 sorted sample rows of a focus map; None = all samples in order
+    placement: MapPlacement | None = None  # what placing new samples needs; None when not kept or not read
+
+
+@dataclasses.dataclass
+class MapPlacement:
+    """What placing new samples on a map needs besides its `info` (atlas.place): the fit samples
+    (read back from activations.h5 by row), their raw positions and the PCA they went through."""
+
+    fit_rows: np.ndarray  # (m,) int64 sorted layer rows the reducer was fitted on
+    fit_raw: np.ndarray  # (m, d) float32 their positions as the reducer gave them, before normalising
+    pca_mean: np.ndarray | None = None  # (C,) float32 (zeros for the uncentred cosine PCA); None = no PCA
+    pca_components: np.ndarray | None = None  # (C, k) float32 orthonormal columns
+
+    ARRAYS = ("fit_rows", "fit_raw", "pca_mean", "pca_components")
 
 
 @dataclasses.dataclass
@@ -102,6 +121,11 @@ class Layout:
                 group.create_dataset("xy", data=np.asarray(layout.xy, dtype=np.float32))
                 if layout.rows is not None:
                     group.create_dataset("rows", data=np.asarray(layout.rows, dtype=np.int64))
+                if layout.placement is not None:
+                    for key in MapPlacement.ARRAYS:
+                        value = getattr(layout.placement, key)
+                        if value is not None:
+                            group.create_dataset(key, data=value)
                 for key, value in layout.info.items():
                     group.attrs[key] = value
             write_provenance(h5, stage="layout", fingerprint=self.fingerprint, config=self.config,
@@ -110,8 +134,9 @@ class Layout:
             mark_complete(h5)
 
     @classmethod
-    def load(cls, path: str | Path, names: Sequence[str] | None = None) -> "Layout":
-        """Reads a layout file (all maps, or the named ones)."""
+    def load(cls, path: str | Path, names: Sequence[str] | None = None, placement: bool = False) -> "Layout":
+        """Reads a layout file (all maps, or the named ones; with `placement`, also what placing
+        new samples needs, None for a map of a file made before it was kept)."""
         with h5py.File(path, "r") as h5:
             specs = read_maps(h5)
             names = names if names is not None else [m.name for m in specs]
@@ -121,7 +146,11 @@ class Layout:
                     raise AtlasError(f"{path} has no map {name!r}; run `atlas layout {Path(path).parent}`")
                 group = h5[name]
                 rows = group["rows"][()] if "rows" in group else None
-                out[name] = MapLayout(group["xy"][:], {k: to_jsonable(v) for k, v in group.attrs.items()}, rows)
+                kept = None
+                if placement and "fit_rows" in group:
+                    kept = MapPlacement(*(group[key][()] if key in group else None for key in MapPlacement.ARRAYS))
+                out[name] = MapLayout(group["xy"][:], {k: to_jsonable(v) for k, v in group.attrs.items()}, rows,
+                                      kept)
             return cls(out, str(h5.attrs["fingerprint"]), str(h5.attrs["inputs"]), json.loads(h5.attrs["config"]),
                        [m for m in specs if m.name in out])
 

@@ -129,6 +129,14 @@ class Run:
         """The panel PNG of `atlas patches`."""
         return self.map_dir(layer) / "patches" / f"channel-{channel}.png"
 
+    def place_png(self, name: str, stem: str, size: int) -> Path:
+        """RUN/<map>/place/<stem>-<N>.png: a placed image's samples on the map's atlas picture."""
+        return self.map_dir(name) / "place" / f"{stem}-{size}.png"
+
+    def place_json(self, name: str, stem: str) -> Path:
+        """RUN/<map>/place/<stem>.json: where a placed image's samples fell on the map, per grid size."""
+        return self.map_dir(name) / "place" / f"{stem}.json"
+
     def compare_path(self, size: int) -> Path:
         """The default figure of `atlas compare`."""
         return self.root / f"compare-{size}.png"
@@ -297,10 +305,11 @@ class Run:
         self.activations_fingerprint(upto)
         return Activations(self.activations_path)
 
-    def layout(self, names: Sequence[str] | None = None, upto: str = "layout") -> Layout:
-        """The current layout (all maps, or the named ones)."""
+    def layout(self, names: Sequence[str] | None = None, upto: str = "layout", placement: bool = False) -> Layout:
+        """The current layout (all maps, or the named ones; `placement`: with what placing new
+        samples needs, see `Layout.load`)."""
         self.layout_fingerprint(upto)
-        return Layout.load(self.layout_path, names)
+        return Layout.load(self.layout_path, names, placement)
 
     def grid_file(self, upto: str = "grid") -> GridFile:
         """The current grid.h5, read one grid at a time."""
