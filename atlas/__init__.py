@@ -20,6 +20,10 @@ In-memory cores (arrays in, arrays out, no files):
     render_icons(model, layer, directions, ...)       -> IconBatch (images, objective, cosine)
     compose_atlas(icons, cells, size, ...)            -> the atlas image
 
+Readers over a run:
+    compare_runs(runs, ...)             layers (or runs) side by side with figures (`atlas compare`)
+    place_images(run, images)           -> PlaceSummary: new images' samples on every map (`atlas place`)
+
 Names are loaded on first use, so `import atlas` stays cheap.
 """
 
@@ -48,6 +52,7 @@ _EXPORTS = {
     "render_icons": "atlas.render", "IconBatch": "atlas.render",
     "compose_atlas": "atlas.mosaic",
     "compare_runs": "atlas.compare",
+    "place_images": "atlas.place", "PlaceSummary": "atlas.place",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -98,6 +98,12 @@ def _add_reading_parsers(sub) -> None:
                    help="the PNG to write (default RUN1/compare-N.png); the JSON goes beside it")
     p.set_defaults(handler=cmd_compare)
 
+    p = sub.add_parser("place", help="where new images' samples fall on each map of a run, and the cells' top classes")
+    p.add_argument("run", metavar="RUN", help="a run directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's collect.device)")
+    p.set_defaults(handler=cmd_place)
+
 
 def _add_view_parsers(sub) -> None:
     """vis, dream, maps and filters: the classic single-unit views (no run needed)."""
@@ -249,6 +255,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare_runs
 
     compare_runs(args.runs, args.layers, args.grid, args.neighbors, args.out)
+
+
+def cmd_place(args: argparse.Namespace) -> None:
+    from .place import place_images
+
+    place_images(args.run, args.images, device=args.device)
 
 
 def cmd_vis(args: argparse.Namespace) -> None:

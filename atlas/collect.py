@@ -270,6 +270,33 @@ class CollectSummary:
     parts_done: int = 0  # parts this process computed
 
 
+@dataclass
+class Sampler:
+    """A run's model cut at its layers, and where each layer is sampled: what collect runs images
+    through, and `atlas place` new images."""
+
+    model: LoadedModel  # the model with its preprocessing and classes
+    tap: LayerTap  # the module cut at the run's layers, on the device
+    shapes: dict[str, tuple[int, ...]]  # layer -> (C, H, W) map shape
+    maps: dict[str, Any]  # layer -> LayerMap (how its output reads as a map)
+    candidates: dict[str, np.ndarray]  # layer -> (m, 2) positions samples are drawn from (`interior_positions`)
+
+
+def load_sampler(config: Config, device: torch.device) -> Sampler:
+    """The run's model (`model`, `weights`, `preprocess`) cut at `layers`, on `device`, with the
+    positions `collect.border` leaves for sampling."""
+    c = config.collect
+    model = load_model(config.model, config.weights, config.preprocess)
+    # Channels-last runs the (depthwise) convolutions of the front and of the attribution
+    # tangents several times faster on the CPU; on the GPU it is neutral or better.
+    module = model.module.to(device).to(memory_format=torch.channels_last)
+    maps, shapes = map_shapes(module, model.input_shape, config.layers, c.layout, c.prefix_tokens,
+                               config.model)
+    tap = LayerTap(module, config.layers, config.model, maps)
+    candidates = {layer: interior_positions(shapes[layer][1], shapes[layer][2], c.border) for layer in config.layers}
+    return Sampler(model, tap, shapes, maps, candidates)
+
+
 def run(config: Config, *, force: bool = False, log: Callable[[str], None] = print, shard: Shard = ALONE,
         merge: bool = False) -> CollectSummary:
     """Runs the collect stage for a config, skipping it when activations.h5 is up to date.
@@ -295,15 +322,10 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     keep_freed_memory()
     device = torch.device("cpu") if merge else shard.device(c.device, "collect.device")  # a merge computes nothing
 
-    model = load_model(config.model, config.weights, config.preprocess)
+    sampler = load_sampler(config, device)
+    model, tap, shapes, maps = sampler.model, sampler.tap, sampler.shapes, sampler.maps
     records = find_images(config.images, model.classes.lookup if model.classes else None,
                           limit=c.max_images or None)
-    # Channels-last runs the (depthwise) convolutions of the front and of the attribution
-    # tangents several times faster on the CPU; on the GPU it is neutral or better.
-    module = model.module.to(device).to(memory_format=torch.channels_last)
-    maps, shapes = map_shapes(module, model.input_shape, config.layers, c.layout, c.prefix_tokens,
-                               config.model)
-    tap = LayerTap(module, config.layers, config.model, maps)
     stats = image_stats(records)
     fp = collect_fingerprint(config, model.preprocess, records, stats)
     # a merge assembles the parts on disk even over a current file (shards run with --force left them)
@@ -326,10 +348,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     t_loop = time.perf_counter()
     n_mine = sum(min(part_size, len(records) - i * part_size) for i in mine)
     if mine:
-        candidates = {layer: interior_positions(shapes[layer][1], shapes[layer][2], c.border)
-                      for layer in config.layers}
         _collect_parts(tap, records, model.preprocess, [(i * part_size, min((i + 1) * part_size, len(records)))
-                                                        for i in mine], candidates, config, device, parts_dir,
+                                                        for i in mine], sampler.candidates, config, device, parts_dir,
                        show=shard.leads)
     loop_seconds = time.perf_counter() - t_loop
     rate = n_mine / loop_seconds if loop_seconds > 0 else 0.0

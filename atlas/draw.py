@@ -248,3 +248,28 @@ def compose_panel(header: Sequence[str], icon: np.ndarray | None, tiles: Sequenc
         for k, line in enumerate(wrap_label(caption, measure, tile_px, 2)):
             draw.text((box[0], box[3] + 1 + k * 13), line, fill="black", font=face)
     return np.asarray(canvas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markers
+
+
+def draw_markers(canvas: np.ndarray, points: np.ndarray, radius: int | None = None,
+                 fill: tuple[int, int, int] = (230, 20, 60)) -> np.ndarray:
+    """Round markers (filled, white ring) at pixel positions on a copy of an RGB picture.
+
+    Args:
+        canvas: (H, W, 3) uint8.
+        points: (n, 2) float (x, y) pixel positions, y downwards.
+        radius: marker radius in pixels; default about 1/120 of the picture's side, at least 3.
+        fill: the markers' colour.
+
+    Returns:
+        (H, W, 3) uint8, the picture with the markers.
+    """
+    image = Image.fromarray(np.asarray(canvas, np.uint8)).convert("RGB")
+    r = radius or max(3, round(max(image.size) / 120))
+    pen = ImageDraw.Draw(image)
+    for x, y in np.asarray(points, np.float64).reshape(-1, 2):
+        pen.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline=(255, 255, 255), width=max(1, r // 3))
+    return np.asarray(image)
