@@ -521,12 +521,11 @@ def align_layer_maps(acts: Activations, layers: Sequence[str], maps: dict[str, M
     """Measures, and with `align` removes, how far apart each image's samples land from one layer's
     map to the next (atlas.align); updates the layer maps in `maps` in place.
 
-    Every layer after the first is moved by the similarity transform that carries its image
-    centroids onto the layer before's (already moved) ones, into the first layer's frame, and
-    brought inside [0, 1] by `fit_inside`. Not by `normalize_layout(xy, 0, 0)`: the fitted scale is
-    below 1 whenever the layers disagree, and stretching each axis back to [0, 1] undid much of
-    the alignment (toy layouts: median centroid distance 0.22 in the first layer's frame, 0.39
-    after the stretch, 0.59 independent) and bent neighbourhoods; the price is that an aligned
+    Every layer after the first is moved by the rotation or mirror and shift that carry its image
+    centroids onto the layer before's (already moved) ones, scaled to their spread
+    (`atlas.align.align_layouts`), into the first layer's frame, and brought inside [0, 1] by
+    `fit_inside` (one scale for both axes, only when it reaches outside) rather than stretched per
+    axis by `normalize_layout(xy, 0, 0)`, which bends neighbourhoods; the price is that a rotated
     map can leave a margin of the square empty. Records on each layer map `aligned`, and with align `align_to`
     (the layer before; "" for the first), the transform (`align_rotation` (2, 2), `align_scale`,
     `align_shift` (2,)), the scaling back (`align_low`, `align_width`) and the trustworthiness before
