@@ -10,6 +10,7 @@ A run directory holds:
     <map>/icons-<N>/             render: an icon per cell, icons.json
     <map>/atlas-<N>.png          mosaic: the atlas (and atlas-preview-<N>.png, -labels variants)
     <map>/inspect/, patches/     readers' outputs; receptive-field.json (cached)
+    <map>/attack/                atlas attack: attack-<N>.png and .json
     compare-<N>.png              atlas compare
 
 `<map>` is a layer, or a focus map `<layer>/class-<slug>` or `<layer>/pair-<a>-<b>`. Every
