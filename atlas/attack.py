@@ -52,6 +52,7 @@ N_PATCHES = 10  # the article's patches per pair
 STATIC_SIZE = 0.3  # side of the static patch, fraction of the image side (67 px of Lite0's 224)
 STATIC_CORNER = "bottom-right"
 DYNAMIC_SIZES = (0.2, 0.3, 0.4)  # with the four corners: 12 placements tried per image
+N_SIMILAR = 10  # images most like A (largest P(A)) attacked besides those classified A
 UNIVERSAL_IMAGES = 1000  # corpus images the universal figures are measured on (a seeded sample beyond)
 PATCH_PX = 128  # side at which real patches are cut (then resized like the icons)
 EXAMPLES = 4  # rows of the figure from the attacked images, and as many from the rest of the corpus
@@ -374,7 +375,8 @@ def model_predictor(store: Run, batch_size: int) -> Callable[[np.ndarray], np.nd
 def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: str | None = None,
                  source: str | None = None, layer: str | None = None, size: int | None = None,
                  n_patches: int = N_PATCHES, static_size: float = STATIC_SIZE, corner: str = STATIC_CORNER,
-                 sizes: Sequence[float] = DYNAMIC_SIZES, universal_images: int = UNIVERSAL_IMAGES, seed: int = 0,
+                 sizes: Sequence[float] = DYNAMIC_SIZES, universal_images: int = UNIVERSAL_IMAGES,
+                 n_similar: int = N_SIMILAR, seed: int = 0,
                  batch_size: int = 32, predict: Callable[[np.ndarray], np.ndarray] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """`atlas attack`: the patch experiment on one map of a run; writes its figure and JSON.
@@ -392,6 +394,8 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
         sizes: patch sides tried with each corner for the dynamic placement (default 0.2, 0.3, 0.4).
         universal_images: corpus images to measure the universal patch on (default 1000; a
             seeded sample when there are more; 0 skips it).
+        n_similar: with A, also attack the n_similar images of the universal sample most like A
+            (largest P(A)) that the model classifies as neither A nor B (default 10; 0 = none).
         seed: seeds the random cells, the noise and the sample.
         batch_size: images per forward pass.
         predict: pixels -> probabilities (default: the run's model, `model_predictor`).
@@ -405,8 +409,8 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
         raise AtlasError("--from goes with --target (with --pair the first class is attacked)")
     if n_patches < 1:
         raise AtlasError(f"--patches must be at least 1, got {n_patches}")
-    if universal_images < 0 or batch_size < 1:
-        raise AtlasError("--universal must be >= 0 and --batch-size >= 1")
+    if universal_images < 0 or n_similar < 0 or batch_size < 1:
+        raise AtlasError("--universal and --similar must be >= 0, --batch-size >= 1")
     where, static = placements(sizes, Placement(corner, float(static_size)))
     started = time.perf_counter()
     store = Run.open(run)
@@ -451,23 +455,33 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
     universal = ok if len(ok) <= universal_images else np.sort(rng.choice(ok, universal_images, replace=False))
     universal = universal if universal_images else ok[:0]
     read = np.union1d(candidates, universal)
+    if not len(universal) and (a is None or not len(candidates)):
+        _nothing_to_attack(store, a, attacked_label)
     log(f"{spec.title}, {grid.size}x{grid.size} grid: patches towards {class_name(b, names)!r} from its "
         f"{len(chosen)} most attributed cells; reading {len(read)} images")
     pixels = read_corpus(store, read)
     predict = predict or model_predictor(store, batch_size)
-    clean = outcome(predict(pixels), b)
+    probs = predict(pixels)
+    clean = outcome(probs, b)
     at = {int(i): k for k, i in enumerate(read)}
     cand_rows = np.array([at[int(i)] for i in candidates], np.int64)
-    victims = cand_rows[clean.top1[cand_rows] == a]
-    if a is not None and not len(victims):
-        hint = (f"for a universal patch towards {class_name(b, names)!r} use --target" if pair is not None else
-                "choose another --from")
-        raise AtlasError(f"no image of run {store.root} is classified as {class_name(a, names)!r}, so there is "
-                         f"nothing to attack; {hint}")
     uni_rows = np.array([at[int(i)] for i in universal], np.int64)
-    total = sum(len(p.images) for p in kinds.values()) * (len(where) * len(victims) + len(uni_rows))
-    log(f"  attacking {len(victims)} image(s) classified {attacked_label} at {len(where)} placements, and "
-        f"{len(uni_rows)} corpus images at the static one: {total} forward passes")
+    victims = cand_rows[clean.top1[cand_rows] == a] if a is not None else cand_rows[:0]
+    # One image per class leaves few (often no) images of A: the images the model finds most
+    # like A (largest P(A), classified neither A nor B) are attacked as a second group.
+    similar = uni_rows[:0]
+    if a is not None and n_similar:
+        others = uni_rows[(clean.top1[uni_rows] != a) & (clean.top1[uni_rows] != b)]
+        similar = others[np.lexsort((others, -probs[others, a].astype(np.float64)))][:n_similar]
+    if not len(victims) and not len(uni_rows):
+        _nothing_to_attack(store, a, attacked_label)
+    if a is not None and not len(victims):
+        log(f"  note: no image is classified as {attacked_label!r}; its A -> B figures are n/a (the images most "
+            f"like it and the universal figures remain)")
+    attacked = np.concatenate([victims, similar])
+    total = sum(len(p.images) for p in kinds.values()) * (len(where) * len(attacked) + len(uni_rows))
+    log(f"  attacking {len(victims)} image(s) classified {attacked_label} and {len(similar)} most like it at "
+        f"{len(where)} placements, and {len(uni_rows)} corpus images at the static one: {total} forward passes")
     done = [0]
     last = [time.perf_counter()]
 
@@ -479,35 +493,45 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
 
     results: dict[str, dict[str, Any]] = {}
     trials: dict[str, tuple[Outcome, Outcome]] = {}
+    groups = {"": np.arange(len(victims)), "similar_": len(victims) + np.arange(len(similar))}
+    before = _subset(clean, attacked)
+    before_u = _subset(clean, uni_rows)
     for kind, patches in kinds.items():
         if not patches.images:
             continue
-        on_victims = try_patches(predict, pixels[victims], patches.images, where, b, batch_size, progress)
+        on_attacked = try_patches(predict, pixels[attacked], patches.images, where, b, batch_size, progress)
         on_corpus = try_patches(predict, pixels[uni_rows], patches.images, [where[static]], b, batch_size, progress)
-        trials[kind] = (on_victims, on_corpus)
-        before_v = _subset(clean, victims)
-        before_u = _subset(clean, uni_rows)
-        everyone = np.ones(len(victims), bool)
-        results[kind] = {
-            "static": _jsonable(flip_counts(before_v, on_victims, everyone, b, static)),
-            "dynamic": _jsonable(flip_counts(before_v, on_victims, everyone, b, None)),
-            "universal": _jsonable(flip_counts(before_u, on_corpus, before_u.top1 != b, b, 0)),
-            "patches": patches.facts}
+        trials[kind] = (on_attacked, on_corpus)
+        results[kind] = {}
+        for prefix, members in groups.items():
+            group = np.isin(np.arange(len(attacked)), members)
+            results[kind][prefix + "static"] = _jsonable(flip_counts(before, on_attacked, group, b, static))
+            results[kind][prefix + "dynamic"] = _jsonable(flip_counts(before, on_attacked, group, b, None))
+        results[kind]["universal"] = _jsonable(flip_counts(before_u, on_corpus, before_u.top1 != b, b, 0))
+        results[kind]["patches"] = patches.facts
     seconds = time.perf_counter() - started
     png = store.attack_path(spec.name, grid.size, slug(class_name(a, names)) if pair is None and a is not None else None)
     info = {"map": spec.name, "layer": spec.layer, "grid": grid.size, "grid_fingerprint": store.grid_fingerprint(),
             "source": {"class": a, "name": attacked_label}, "target": {"class": b, "name": class_name(b, names)},
             "static": dataclasses.asdict(where[static]), "placements": [dataclasses.asdict(p) for p in where],
             "attacked_images": [str(paths[read[r]]) for r in victims],
+            "similar_images": [{"path": str(paths[read[r]]), "top1": class_name(int(clean.top1[r]), names),
+                                "source_p": float(probs[r, a])} for r in similar],
             "universal_images": int(len(uni_rows)), "seed": seed, "seconds": round(seconds, 1),
             "figure": str(png), "results": results}
-    figure = draw_examples(info, kinds, trials, pixels, clean, victims, uni_rows, where, static, names)
+    figure = draw_examples(info, kinds, trials, pixels, clean, attacked, uni_rows, where, static, names)
     write_image(figure, png)
     write_json(info, png.with_suffix(".json"))
     for line in table_lines(info):
         log(line)
     log(f"  {seconds:.0f} s; wrote {png} and {png.with_suffix('.json').name}")
     return info
+
+
+def _nothing_to_attack(store: Run, a: int | None, attacked_label: str) -> None:
+    why = (f"no image of run {store.root} is classified as {attacked_label!r}" if a is not None
+           else "--target alone measures the universal patch")
+    raise AtlasError(f"{why} and --universal is 0, so there is nothing to attack")
 
 
 def _subset(o: Outcome, rows: np.ndarray) -> Outcome:
@@ -527,49 +551,59 @@ def table_lines(info: dict[str, Any]) -> list[str]:
     src, dst = info["source"]["name"], info["target"]["name"]
     static = Placement(**info["static"])
     sizes = sorted({p["size"] for p in info["placements"]})
+    first = next(iter(info["results"].values()), None)
+    n_a = first["static"]["images"] if first else 0
+    n_like = first["similar_static"]["images"] if first else 0
     lines = [f"  {src} -> {dst}: static = {static.label()} of the side; dynamic = best of 4 corners x "
-             f"{', '.join(f'{s:.0%}' for s in sizes)} per image; universal = static over {info['universal_images']} "
-             "corpus images",
-             f"  {'patches':<20} {'n':>3} {'static':>8} {'dynamic':>8} {'P(B) before':>11} {'static':>7} "
-             f"{'dynamic':>7}  {'universal':>9} {'P(B) before':>11} {'after':>6}"]
+             f"{', '.join(f'{s:.0%}' for s in sizes)} per image",
+             f"  A: {n_a} image(s) classified {src}; like A: the {n_like} most like it; universal: the "
+             f"{first['universal']['images'] if first else 0} of {info['universal_images']} corpus images not "
+             f"classified {dst}, static",
+             f"  {'':<20} {'A -> B':^17} {'like A -> B':^17} {'universal':>9}  {'P(B) on A':^20}  "
+             f"{'P(B) on corpus':^13}",
+             f"  {'patches':<20} {'static':>8} {'dynamic':>8} {'static':>8} {'dynamic':>8} {'top-1 B':>9}  "
+             f"{'before':>6} {'stat.':>6} {'dyn.':>6}  {'before':>6} {'after':>6}"]
+
+    def p(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     for kind, r in info["results"].items():
         s, d, u = r["static"], r["dynamic"], r["universal"]
-
-        def p(v):
-            return "n/a" if v is None else f"{v:.3f}"
-
-        lines.append(f"  {KINDS[kind]:<20} {len(s['flips']):>3} {_percent(s['rate']):>8} {_percent(d['rate']):>8} "
-                     f"{p(s['target_before']):>11} {p(s['target_after']):>7} {p(d['target_after']):>7}  "
-                     f"{_percent(u['rate']):>9} {p(u['target_before']):>11} {p(u['target_after']):>6}")
-    n = next(iter(info["results"].values()))["static"]["images"] if info["results"] else 0
-    lines.append(f"  (A -> B over {n} attacked image(s) x patches; universal: share of the corpus images not "
-                 f"classified {dst} whose top-1 becomes {dst})")
+        lines.append(f"  {KINDS[kind]:<20} {_percent(s['rate']):>8} {_percent(d['rate']):>8} "
+                     f"{_percent(r['similar_static']['rate']):>8} {_percent(r['similar_dynamic']['rate']):>8} "
+                     f"{_percent(u['rate']):>9}  {p(s['target_before']):>6} {p(s['target_after']):>6} "
+                     f"{p(d['target_after']):>6}  {p(u['target_before']):>6} {p(u['target_after']):>6}")
     return lines
 
 
 def draw_examples(info: dict[str, Any], kinds: dict[str, Patches], trials: dict[str, tuple[Outcome, Outcome]],
-                  pixels: np.ndarray, clean: Outcome, victims: np.ndarray, uni_rows: np.ndarray,
+                  pixels: np.ndarray, clean: Outcome, attacked: np.ndarray, uni_rows: np.ndarray,
                   where: Sequence[Placement], static: int, names: Sequence[str] | None) -> np.ndarray:
     """The figure: rows of (before, patch, after) for the attacked images' best trials (icons and
-    member patches, best placement, one row per patch) and the strongest universal flips (one row
-    per image), each captioned with the top-1 class and B's probability."""
+    member patches, best placement) and the strongest universal flips (one row per image), each
+    captioned with the top-1 class and B's probability.
+
+    Args:
+        attacked: (m,) rows of `pixels` attacked at every placement (A's images, then those like A),
+            in the order of the trials' last axis; uni_rows likewise for the universal trials.
+    """
     b = info["target"]["class"]
     best: list[tuple[float, str, int, int, int]] = []  # (P(B), kind, patch, placement, pixel row)
     flips: list[tuple[float, str, int, int, int]] = []
     for kind in ("icons", "members"):
         if kind not in trials:
             continue
-        on_victims, on_corpus = trials[kind]
-        for p in range(on_victims.target_p.shape[0]):
-            for j, row in enumerate(victims):
-                k = int(on_victims.target_p[p, :, j].argmax())
-                best.append((float(on_victims.target_p[p, k, j]), kind, p, k, int(row)))
+        on_attacked, on_corpus = trials[kind]
+        for p in range(on_attacked.target_p.shape[0]):
+            for j, row in enumerate(attacked):
+                k = int(on_attacked.target_p[p, :, j].argmax())
+                best.append((float(on_attacked.target_p[p, k, j]), kind, p, k, int(row)))
             for j, row in enumerate(uni_rows):
                 if on_corpus.top1[p, 0, j] == b and clean.top1[row] != b:
                     flips.append((float(on_corpus.target_p[p, 0, j]), kind, p, static, int(row)))
     best.sort(key=lambda t: -t[0])
     flips.sort(key=lambda t: -t[0])
-    victim_set = {int(r) for r in victims}
+    victim_set = {int(r) for r in attacked}
     picked = best[:EXAMPLES]
     seen: set[int] = set()
     for f in flips:
@@ -586,13 +620,13 @@ def draw_examples(info: dict[str, Any], kinds: dict[str, Patches], trials: dict[
     for _, kind, p, k, row in picked:
         patch = kinds[kind].images[p]
         after = paste(pixels[row], patch, where[k])
-        on_victims, on_corpus = trials[kind]
+        on_attacked, on_corpus = trials[kind]
         if k == static and row not in victim_set:
             j = int(np.flatnonzero(uni_rows == row)[0])
             o = (on_corpus.top1[p, 0, j], on_corpus.top_p[p, 0, j], on_corpus.target_p[p, 0, j])
         else:
-            j = int(np.flatnonzero(victims == row)[0])
-            o = (on_victims.top1[p, k, j], on_victims.top_p[p, k, j], on_victims.target_p[p, k, j])
+            j = int(np.flatnonzero(attacked == row)[0])
+            o = (on_attacked.top1[p, k, j], on_attacked.top_p[p, k, j], on_attacked.target_p[p, k, j])
         cell = kinds[kind].facts[p]["cell"]
         tiles += [fit_tile(pixels[row], TILE), fit_tile(patch, TILE), fit_tile(after, TILE)]
         captions += [f"before: {verdict(clean.top1[row], clean.top_p[row], clean.target_p[row])}",

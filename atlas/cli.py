@@ -122,6 +122,9 @@ def _add_reading_parsers(sub) -> None:
                         f"{' '.join(map(str, attack.DYNAMIC_SIZES))})")
     p.add_argument("--universal", type=int, default=attack.UNIVERSAL_IMAGES, metavar="N",
                    help=f"corpus images for the universal figures (default {attack.UNIVERSAL_IMAGES}; 0 = none)")
+    p.add_argument("--similar", type=int, default=attack.N_SIMILAR, metavar="K",
+                   help="also attack the K corpus images most like A (largest P(A), classified neither A nor B; "
+                        f"default {attack.N_SIMILAR})")
     p.add_argument("--seed", type=int, default=0, help="seeds the random cells, the noise and the sample (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.set_defaults(handler=cmd_attack)
@@ -284,7 +287,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
     patch_attack(args.run, pair=args.pair, target=args.target, source=args.source, layer=args.layer, size=args.grid,
                  n_patches=args.patches, static_size=args.size, corner=args.corner, sizes=args.sizes,
-                 universal_images=args.universal, seed=args.seed, batch_size=args.batch_size)
+                 universal_images=args.universal, n_similar=args.similar, seed=args.seed, batch_size=args.batch_size)
 
 
 def cmd_vis(args: argparse.Namespace) -> None:

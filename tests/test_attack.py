@@ -209,11 +209,27 @@ def test_attack_pair_end_to_end(attack_run, capsys):
     # Real patches: each cell's best member is a pixel of the blue image, cut to its 1 px field.
     assert [p["image"] for p in r["members"]["patches"]] == ["img3.png", "img3.png"]
     assert r["members"]["dynamic"]["flips"] == [2, 2] and r["members"]["universal"]["flips"] == [1, 1]
+    # Like A: the black image (P(tench) 0.09) and the green one, classified neither A nor B. Full blue
+    # turns the black one at 4 px and both at 6 px; weak blue the black one at 6 px only.
+    assert [s["path"] for s in info["similar_images"]] == ["img4.png", "img2.png"]
+    assert r["icons"]["similar_static"]["flips"] == [1, 0] and r["icons"]["similar_dynamic"]["flips"] == [2, 1]
     assert [p["cell"] for p in r["random_cells"]["patches"]] == [[0, 1], [1, 1]]
     for kind in ("random_cells", "noise"):
         assert sum(r[kind]["dynamic"]["flips"]) == 0 and sum(r[kind]["universal"]["flips"]) == 0
     figure = Image.open(attack_run / "features/pair-tench-goldfish/attack/attack-2.png")
     assert figure.size[0] > 3 * 160
+
+
+def test_attack_a_class_without_images(attack_run, capsys):
+    assert _attack(attack_run, "--pair", "hammerhead", "goldfish", *ARGS, "--similar", 1) == 0
+    assert "no image is classified as 'hammerhead'" in capsys.readouterr().out
+    info = json.loads((attack_run / "features/pair-hammerhead-goldfish/attack/attack-2.json").read_text())
+    r = info["results"]["icons"]
+    assert info["attacked_images"] == [] and r["static"]["rate"] is None and r["dynamic"]["images"] == 0
+    # hammerhead's logit is 0 everywhere, so its probability is largest where the others are
+    # smallest: on the black image
+    assert [s["path"] for s in info["similar_images"]] == ["img4.png"]
+    assert r["universal"]["flips"] == [1, 0]
 
 
 def test_attack_target_alone_and_from(attack_run, capsys):
@@ -229,7 +245,9 @@ def test_attack_target_alone_and_from(attack_run, capsys):
 @pytest.mark.parametrize("argv, message", [
     (("--pair", "tench", "goldfsh"), "unknown class 'goldfsh'; did you mean 'goldfish'"),
     (("--pair", "tench", "tiger shark"), "no two-class view of 'tench' vs 'tiger shark'; add it to layout.pairs"),
-    (("--pair", "hammerhead", "goldfish"), "no image .* is classified as 'hammerhead'.*use --target"),
+    (("--pair", "hammerhead", "goldfish", "--universal", "0"),
+     "no image .* is classified as 'hammerhead' and --universal is 0, so there is nothing to attack"),
+    (("--target", "goldfish", "--universal", "0"), "--target alone measures the universal patch"),
     (("--target", "tench"), "no class atlas of 'tench'"),
     (("--pair", "tench", "goldfish", "--from", "tench"), "--from goes with --target"),
     (("--pair", "tench", "goldfish", "--size", "1.5"), "fractions of the image side"),
