@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from .corpus import BadImage, load_image
-from .draw import fit_tile, compose_panel
-from .errors import AtlasError
+from .draw import compose_panel, fit_tile
+from .errors import AtlasError, unknown_name
 from .focus import MapSpec, find_class, slug
 from .inspect import class_name, pick_aligned_members, sample_patches
 from .store import Grid, IconSet, Run, write_image, write_json
@@ -248,8 +248,6 @@ def choose_map(store: Run, a: int | None, b: int, layer: str | None, names: Sequ
         value = json.dumps([list(p) for p in store.config.layout.pairs] + [[named(a), named(b)]])
     if layer is not None:
         if layer not in store.config.layers:
-            from .errors import unknown_name
-
             raise unknown_name("layer", layer, list(store.config.layers), f"run {store.root} has")
         found = [m for m in found if m.layer == layer]
     if not found:
@@ -394,8 +392,8 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
         sizes: patch sides tried with each corner for the dynamic placement (default 0.2, 0.3, 0.4).
         universal_images: corpus images to measure the universal patch on (default 1000; a
             seeded sample when there are more; 0 skips it).
-        n_similar: with A, also attack the n_similar images of the universal sample most like A
-            (largest P(A)) that the model classifies as neither A nor B (default 10; 0 = none).
+        n_similar: with A, also attack the n_similar corpus images most like A (largest P(A)) that
+            the model classifies as neither A nor B (default 10; 0 = none).
         seed: seeds the random cells, the noise and the sample.
         batch_size: images per forward pass.
         predict: pixels -> probabilities (default: the run's model, `model_predictor`).
@@ -454,7 +452,8 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
     candidates = ok[(collected_pred[ok] == a) | (collected_pred[ok] < 0)] if a is not None else ok[:0]
     universal = ok if len(ok) <= universal_images else np.sort(rng.choice(ok, universal_images, replace=False))
     universal = universal if universal_images else ok[:0]
-    read = np.union1d(candidates, universal)
+    # The images most like A are looked for among every image, so all of them are classified once.
+    read = ok if a is not None and n_similar else np.union1d(candidates, universal)
     if not len(universal) and (a is None or not len(candidates)):
         _nothing_to_attack(store, a, attacked_label)
     log(f"{spec.title}, {grid.size}x{grid.size} grid: patches towards {class_name(b, names)!r} from its "
@@ -471,7 +470,8 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
     # like A (largest P(A), classified neither A nor B) are attacked as a second group.
     similar = uni_rows[:0]
     if a is not None and n_similar:
-        others = uni_rows[(clean.top1[uni_rows] != a) & (clean.top1[uni_rows] != b)]
+        every = np.arange(len(read))
+        others = every[(clean.top1 != a) & (clean.top1 != b)]
         similar = others[np.lexsort((others, -probs[others, a].astype(np.float64)))][:n_similar]
     if not len(victims) and not len(uni_rows):
         _nothing_to_attack(store, a, attacked_label)
