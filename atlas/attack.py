@@ -562,10 +562,10 @@ def table_lines(info: dict[str, Any]) -> list[str]:
              f"  {'':<20} {'A -> B':^17} {'like A -> B':^17} {'universal':>9}  {'P(B) on A':^20}  "
              f"{'P(B) on corpus':^13}",
              f"  {'patches':<20} {'static':>8} {'dynamic':>8} {'static':>8} {'dynamic':>8} {'top-1 B':>9}  "
-             f"{'before':>6} {'stat.':>6} {'dyn.':>6}  {'before':>6} {'after':>6}"]
+             f"{'before':>6} {'static':>6} {'dyn.':>6}  {'before':>6} {'after':>6}"]
 
     def p(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
+        return "n/a" if v is None else f"{v:.4f}"
 
     for kind, r in info["results"].items():
         s, d, u = r["static"], r["dynamic"], r["universal"]
@@ -601,11 +601,19 @@ def draw_examples(info: dict[str, Any], kinds: dict[str, Patches], trials: dict[
             for j, row in enumerate(uni_rows):
                 if on_corpus.top1[p, 0, j] == b and clean.top1[row] != b:
                     flips.append((float(on_corpus.target_p[p, 0, j]), kind, p, static, int(row)))
-    best.sort(key=lambda t: -t[0])
+    # One row per attacked image (its best trial), A's own images first, then the strongest
+    # universal flips of other images.
+    n_a = info["results"] and next(iter(info["results"].values()))["static"]["images"]
+    a_rows = {int(r) for r in attacked[:n_a]}
+    best.sort(key=lambda t: (t[4] not in a_rows, -t[0]))
     flips.sort(key=lambda t: -t[0])
     victim_set = {int(r) for r in attacked}
-    picked = best[:EXAMPLES]
+    picked: list[tuple[float, str, int, int, int]] = []
     seen: set[int] = set()
+    for t in best:
+        if len(picked) < EXAMPLES and t[4] not in seen:
+            seen.add(t[4])
+            picked.append(t)
     for f in flips:
         if len(picked) >= 2 * EXAMPLES:
             break
@@ -633,8 +641,8 @@ def draw_examples(info: dict[str, Any], kinds: dict[str, Patches], trials: dict[
                      f"{'icon' if kind == 'icons' else 'member patch'} of cell ({cell[0]}, {cell[1]}), "
                      f"{where[k].label()}",
                      f"after: {verdict(*o)}"]
-    header = [f"atlas attack: {info['map']}, {info['grid']}x{info['grid']} grid: {info['source']['name']} -> "
-              f"B = {info['target']['name']}",
+    header = [f"atlas attack: {info['source']['name']} -> B = {info['target']['name']}",
+              f"patches from {info['map']}, {info['grid']}x{info['grid']} grid",
               "rows: before | patch | after (top-1 class and probability; B's probability)"]
     for kind, r in info["results"].items():
         header.append(f"{KINDS[kind]}: static {_percent(r['static']['rate'])}, dynamic {_percent(r['dynamic']['rate'])}"
