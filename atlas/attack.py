@@ -11,10 +11,12 @@ classifies as A and counts the flips (A before, B after) under the article's two
 - dynamic: the best of every corner and size of `sizes` per image (success if any flips).
 
 Two controls get the same treatment: patches of uniform random noise, and the icons of randomly
-chosen other cells of the same grid. Our corpus holds one image per class, so every patch is also
-pasted (static) onto up to `universal_images` corpus images: the share of those not classified as
-B before whose top-1 becomes B measures each patch as a universal targeted patch. B's mean
-probability before and after is reported throughout. `--target B` uses B's class atlas
+chosen other cells of the same grid. Our corpus holds one image per class, so few images (often
+none) are classified as A: the `n_similar` images the model finds most like A (largest P(A),
+classified neither A nor B) are attacked the same way, and every patch is also pasted (static)
+onto up to `universal_images` corpus images: the share of those not classified as B before whose
+top-1 becomes B measures each patch as a universal targeted patch. B's mean probability before
+and after is reported throughout. `--target B` uses B's class atlas
 (`<layer>/class-<slug>`) instead and attacks every image not classified as B (or, with
 `--from A`, the images of A).
 
@@ -416,13 +418,12 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
     names, wnids = grids.class_names, grids.class_wnids
     if pair is not None:
         a, b = (find_class(str(q), names, wnids) for q in pair)
-        if a == b:
-            raise AtlasError(f"{pair[0]!r} and {pair[1]!r} are the same class; the attack turns one class into another")
-        spec = choose_map(store, a, b, layer, names)
     else:
         b = find_class(str(target), names, wnids)
         a = find_class(str(source), names, wnids) if source is not None else None
-        spec = choose_map(store, None, b, layer, names)
+    if a == b:
+        raise AtlasError(f"{class_name(a, names)!r} is both A and B; the attack turns one class into another")
+    spec = choose_map(store, a if pair is not None else None, b, layer, names)
     grid, icons = pick_grid(store, spec, size)
     if grid.attr is None:
         raise AtlasError(f"run {store.root} was collected without attribution, so no cell is attributed to a class; "

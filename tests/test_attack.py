@@ -250,6 +250,7 @@ def test_attack_target_alone_and_from(attack_run, capsys):
     (("--target", "goldfish", "--universal", "0"), "--target alone measures the universal patch"),
     (("--target", "tench"), "no class atlas of 'tench'"),
     (("--pair", "tench", "goldfish", "--from", "tench"), "--from goes with --target"),
+    (("--target", "goldfish", "--from", "Goldfish"), "'goldfish' is both A and B"),
     (("--pair", "tench", "goldfish", "--size", "1.5"), "fractions of the image side"),
     (("--pair", "tench", "goldfish", "--grid", "3"), "no 3x3 grid"),
     (("--pair", "tench", "goldfish", "--layer", "feature"), "unknown layer 'feature'"),
