@@ -446,10 +446,10 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
         paths = images.path.copy()
     attacked_label = class_name(a, names) if a is not None else f"not {class_name(b, names)}"
     # The attacked images are chosen by the model's own verdict on the clean pixels; collect's
-    # stored prediction (-1 when it made none) picks the candidates, so only those and the
-    # universal sample are read. Without A (--target alone) the attacked images would be the
-    # universal sample itself, where the dynamic placements would cost 12 times as much: only
-    # the universal (static) figures are measured then.
+    # stored prediction (-1 when it made none) picks the candidates, so without the images like A
+    # only those and the universal sample are read. Without A (--target alone) the attacked
+    # images would be the universal sample itself, where the dynamic placements would cost 12
+    # times as much: only the universal (static) figures are measured then.
     candidates = ok[(collected_pred[ok] == a) | (collected_pred[ok] < 0)] if a is not None else ok[:0]
     universal = ok if len(ok) <= universal_images else np.sort(rng.choice(ok, universal_images, replace=False))
     universal = universal if universal_images else ok[:0]
