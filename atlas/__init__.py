@@ -19,6 +19,11 @@ In-memory cores (arrays in, arrays out, no files):
     bin_grid(xy, acts, attr, size, ...) -> Grid (cells, counts, directions, members, top classes)
     render_icons(model, layer, directions, ...)       -> IconBatch (images, objective, cosine)
     compose_atlas(icons, cells, size, ...)            -> the atlas image
+    paste(image, patch, Placement(corner, size))      -> the image with a patch in one corner
+    try_patches(predict, images, patches, placements, target)  -> Outcome (top-1, P(B)) per trial
+    flip_counts(before, after, attacked, target, placement)    -> flips per patch, rates, P(B)
+
+Readers and experiments over a run: compare_runs (`atlas compare`), patch_attack (`atlas attack`).
 
 Readers over a run:
     compare_runs(runs, ...)             layers (or runs) side by side with figures (`atlas compare`)
@@ -53,6 +58,8 @@ _EXPORTS = {
     "compose_atlas": "atlas.mosaic",
     "compare_runs": "atlas.compare",
     "place_images": "atlas.place", "PlaceSummary": "atlas.place",
+    "patch_attack": "atlas.attack", "paste": "atlas.attack", "try_patches": "atlas.attack",
+    "flip_counts": "atlas.attack", "Placement": "atlas.attack",
 }
 
 __all__ = sorted(_EXPORTS)

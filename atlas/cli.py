@@ -104,6 +104,37 @@ def _add_reading_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's collect.device)")
     p.set_defaults(handler=cmd_place)
 
+    from . import attack
+
+    p = sub.add_parser("attack", help="atlas-guided patches that turn class A into B, against controls")
+    p.add_argument("run", metavar="RUN", help="a run directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pair", nargs=2, metavar=("A", "B"),
+                      help="patches from the two-class view of A vs B, pasted onto the images classified as A")
+    what.add_argument("--target", metavar="B", help="patches from B's class atlas (the universal figures only, "
+                                                    "unless --from A)")
+    p.add_argument("--from", dest="source", metavar="A", help="with --target: the class whose images are attacked")
+    p.add_argument("--layer", default=None, help="the layer whose map to use, when several layers have one")
+    p.add_argument("--grid", type=int, metavar="N", default=None,
+                   help="grid size (default: the largest with rendered icons)")
+    p.add_argument("--patches", type=int, default=attack.N_PATCHES, metavar="K",
+                   help=f"patches of each kind: the K cells most attributed to B (default {attack.N_PATCHES})")
+    p.add_argument("--size", type=float, default=attack.STATIC_SIZE, metavar="F",
+                   help=f"side of the static patch, fraction of the image side (default {attack.STATIC_SIZE})")
+    p.add_argument("--corner", choices=attack.CORNERS, default=attack.STATIC_CORNER,
+                   help=f"corner of the static patch (default {attack.STATIC_CORNER})")
+    p.add_argument("--sizes", type=float, nargs="+", default=list(attack.DYNAMIC_SIZES), metavar="F",
+                   help="sides tried at every corner for the dynamic placement (default "
+                        f"{' '.join(map(str, attack.DYNAMIC_SIZES))})")
+    p.add_argument("--universal", type=int, default=attack.UNIVERSAL_IMAGES, metavar="N",
+                   help=f"corpus images for the universal figures (default {attack.UNIVERSAL_IMAGES}; 0 = none)")
+    p.add_argument("--similar", type=int, default=attack.N_SIMILAR, metavar="K",
+                   help="also attack the K corpus images most like A (largest P(A), classified neither A nor B; "
+                        f"default {attack.N_SIMILAR})")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random cells, the noise and the sample (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.set_defaults(handler=cmd_attack)
+
 
 def _add_view_parsers(sub) -> None:
     """vis, dream, maps and filters: the classic single-unit views (no run needed)."""
@@ -261,6 +292,14 @@ def cmd_place(args: argparse.Namespace) -> None:
     from .place import place_images
 
     place_images(args.run, args.images, device=args.device)
+
+
+def cmd_attack(args: argparse.Namespace) -> None:
+    from .attack import patch_attack
+
+    patch_attack(args.run, pair=args.pair, target=args.target, source=args.source, layer=args.layer, size=args.grid,
+                 n_patches=args.patches, static_size=args.size, corner=args.corner, sizes=args.sizes,
+                 universal_images=args.universal, n_similar=args.similar, seed=args.seed, batch_size=args.batch_size)
 
 
 def cmd_vis(args: argparse.Namespace) -> None:

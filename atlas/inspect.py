@@ -144,10 +144,12 @@ def _crop(acts: Activations) -> Preprocess:
 
 
 def sample_patches(store: Run, acts: Activations, layer: str, rows: np.ndarray, log: Callable[[str], None] = print,
-                   tile_px: int = TILE_PX) -> tuple[list[np.ndarray | None], list[dict[str, Any]], ReceptiveField | None]:
+                   tile_px: int = TILE_PX, mark: bool = True
+                   ) -> tuple[list[np.ndarray | None], list[dict[str, Any]], ReceptiveField | None]:
     """The receptive-field patch of each sample row (tile_px square, the map position's own stride
-    cell outlined; None where the image cannot be read), per row its facts (image, path, label,
-    prediction, position, box), and the field used. Each source image is decoded once."""
+    cell outlined unless `mark` is False; None where the image cannot be read), per row its facts
+    (image, path, label, prediction, position, box), and the field used. Each source image is
+    decoded once."""
     samples = acts.layer(layer)
     if samples.shape is None:
         raise AtlasError(f"{acts.path} lacks the layer_shapes of {layer!r}; run `atlas collect {store.root} --force`")
@@ -160,7 +162,7 @@ def sample_patches(store: Run, acts: Activations, layer: str, rows: np.ndarray, 
         marks: Sequence[Any] = [None] * len(rows)
     else:
         boxes = square_inside(box_for(rf, yx, crop.size, clip=False).astype(np.float64), crop.size)
-        marks = patch_box(yx, samples.shape[1:3], crop.size, 1.0)
+        marks = patch_box(yx, samples.shape[1:3], crop.size, 1.0) if mark else [None] * len(rows)
     images = acts.images
     facts = []
     for k, row in enumerate(rows):

@@ -11,6 +11,7 @@ A run directory holds:
     <map>/atlas-<N>.png          mosaic: the atlas (and atlas-preview-<N>.png, -labels variants)
     <map>/inspect/, patches/     readers' outputs; receptive-field.json (cached)
     <map>/place/                 atlas place: <image>-<N>.png (markers on the atlas), <image>.json
+    <map>/attack/                atlas attack: attack-<N>.png and .json
     compare-<N>.png              atlas compare
 
 `<map>` is a layer, or a focus map `<layer>/class-<slug>` or `<layer>/pair-<a>-<b>`. Every

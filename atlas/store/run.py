@@ -125,6 +125,11 @@ class Run:
         """The panel PNG of `atlas inspect` (its JSON has the same name with .json)."""
         return self.map_dir(name) / "inspect" / f"cell-{size}-{x}-{y}.png"
 
+    def attack_path(self, name: str, size: int, source: str | None = None) -> Path:
+        """The figure of `atlas attack` on a map's N x N grid (its JSON has the same name with
+        .json); `source` names the attacked class when it is not the pair's own first class."""
+        return self.map_dir(name) / "attack" / f"attack-{size}{f'-from-{source}' if source else ''}.png"
+
     def patches_path(self, layer: str, channel: int) -> Path:
         """The panel PNG of `atlas patches`."""
         return self.map_dir(layer) / "patches" / f"channel-{channel}.png"
