@@ -268,7 +268,7 @@ class RenderConfig:
                    f"render.icon_size_for.{name} must be an icon side in pixels, >= 16, e.g. 96")
         _check(self.schedule in ("constant", "cosine"),
                f"render.schedule must be \"constant\" or \"cosine\", got {self.schedule!r}")
-        _check(self.warmup < self.steps or self.schedule == "constant",
+        _check(self.warmup < self.steps,
                f"render.warmup ({self.warmup}) must be fewer than render.steps ({self.steps})")
         _check(self.precision in ("float32", "bfloat16"),
                f"render.precision must be \"float32\" or \"bfloat16\", got {self.precision!r}")

@@ -221,3 +221,46 @@ def test_lite0_icon_does_not_depend_on_its_batch():
         j = rows.index(1)
         assert np.abs(together.images[1].astype(int) - other.images[j].astype(int)).max() <= 1
         assert together.objective[1] == pytest.approx(other.objective[j], rel=1e-4)
+
+
+# --------------------------------------------------------------------------------- icon size per layer
+
+
+@pytest.mark.parametrize("stride, minimum, side", [(8, 64, 72), (16, 64, 80), (32, 64, 96), (2, 64, 66),
+                                                   (64, 64, 192), (16, 48, 48), (24, 64, 72), (7, 10, 21)])
+def test_icon_size_for_stride_is_an_odd_number_of_strides_of_at_least_three(stride, minimum, side):
+    assert render.icon_size_for_stride(stride, minimum) == side
+    n = side // stride
+    assert side % stride == 0 and n % 2 == 1 and n >= 3 and side >= minimum
+
+
+def test_auto_icon_size_is_measured_on_the_layer():
+    network = tiny_network()  # "deep": a 3x3 stride-2 conv, padding 1
+    side = render.auto_icon_size(network, LAYER, minimum=8)
+    assert side == 10 and render.map_hw(network, LAYER, side) == (5, 5)  # 5 strides: a centre and two rings
+    assert render.auto_icon_size(network, LAYER) == 66  # 33 strides of 2: at least 64 px
+    features = optvis.Network(load_model("tiny:make", "none", PREPROCESS).module, ["features"])
+    with pytest.raises(ValueError):
+        render.icon_size_for_stride(0)
+    assert render.auto_icon_size(features, "features", minimum=16) == 17  # stride 1: 17 is odd
+
+
+def test_icon_size_for_a_map_overrides_and_icons_json_records_it(tmp_path):
+    config = toy_run(tmp_path / "run", attempts=1, steps=2, icon_size=0, sizes=(2,), icon_size_for={LAYER: 20})
+    summary = render.run(config, log=quiet)
+    meta, images = read_icons(config, 2)
+    assert meta["icon_size"] == 20 and all(im.shape == (20, 20, 3) for im in images.values())
+    assert summary.grids[0].icons == len(images)
+    assert config.render.icon_size_of(LAYER) == 20 and config.render.icon_size_of(f"{LAYER}/class-x") == 20
+    assert RenderConfig(icon_size=48).icon_size_of("any") == 48
+
+
+def test_render_with_a_schedule_and_early_stopping_records_each_icons_steps(tmp_path):
+    config = toy_run(tmp_path / "run", attempts=1, steps=24, sizes=(2,), schedule="cosine", warmup=2,
+                     stop_window=2, stop_rise=0.5)
+    lines = []
+    render.run(config, log=lines.append)
+    meta, _ = read_icons(config, 2)
+    steps = [e["steps"] for e in meta["icons"]]
+    assert all(4 <= s <= 24 for s in steps) and min(steps) < 24  # a 50% rise per window: they stop early
+    assert meta["steps"] == 24 and any("steps on average (of 24)" in line for line in lines)

@@ -228,9 +228,9 @@ def optimize(network: Network, objective: Objective, image: tuple[Sequence[torch
 def _running_rows(stopped: torch.Tensor) -> torch.Tensor:
     """The rows to run this step: those not stopped, plus one stopped row when only one is left, so
     no image runs alone (a batch of one takes other convolution kernels, see `render.render_batch`)."""
-    rows = torch.flatnonzero(~stopped)
+    rows = torch.nonzero(~stopped)[:, 0]
     if len(rows) == 1 and len(stopped) > 1:
-        other = torch.flatnonzero(stopped)[:1]
+        other = torch.nonzero(stopped)[:1, 0]
         rows = torch.sort(torch.cat([rows, other])).values
     return rows
 
