@@ -6,11 +6,17 @@ grid size N in `render.sizes_for[map]`, else `render.sizes`, else all of `grid.s
 (icon_size, icon_size) RGB icon per kept cell, and icons.json with per icon `cell` [x, y], `file`,
 `objective` (its final objective), `cosine` (between its centre activation and the cell's
 direction; both measured on the saved 8-bit pixels without transforms), `member_cosine` (the
-median cosine of the cell's member activations to the direction), `steps`, `seed`, `attempt`; and
-for the folder `layer`, `map`, `size`, `icon_size`, `fingerprint`, `grid_fingerprint`
-(`Grid.digest()`: icons are kept while their grid's cells and directions stay the same),
-`objective` (in words), `steps`, `attempts`, `seed`, `member_similarity`, `median_cosine` and
-`median_member_cosine` (medians over cells).
+median cosine of the cell's member activations to the direction), `best_member_objective` (the
+largest objective of a member's activation), `steps` (taken; fewer than asked when it stopped
+early), `seed`, `attempt`; and for the folder `layer`, `map`, `size`, `icon_size`, `fingerprint`,
+`grid_fingerprint` (`Grid.digest()`: icons are kept while their grid's cells and directions stay
+the same), `objective` (in words), `steps`, `attempts`, `seed`, `member_similarity`,
+`median_cosine` and `median_member_cosine` (medians over cells), `beats_best_member` (the share
+of cells whose icon's objective exceeds their best member's).
+
+Icon size: `render.icon_size`, or per layer or map `render.icon_size_for`; 0 = automatic: the
+smallest odd number (>= 3) of the layer's strides that is at least 64 px (`auto_icon_size`), so
+the map of an icon has a true centre position with a ring of positions around it.
 
 Method (Lucid's activation-atlas recipe): each icon maximises dot(h, w) * max(0.1, cos(h, w))^p at
 the centre position (W // 2, H // 2) of the layer's map for an icon-sized input, with w the cell's
@@ -47,6 +53,7 @@ from .config import Config, RenderConfig
 from .distributed import ALONE, Shard
 from .errors import AtlasError
 from .focus import MapSpec
+from .blocks import iter_blocks
 from .grid import cosine_to_direction
 from .layer_maps import LayerMap, maps_from_json
 from .layers import map_shapes
@@ -282,6 +289,38 @@ def member_cosines(acts: Any, grids: Sequence[Grid]) -> list[np.ndarray]:
     return result
 
 
+def best_member_objectives(acts: Any, grids: Sequence[Grid], vectors: Sequence[np.ndarray],
+                           cos_power: float) -> list[np.ndarray]:
+    """Per grid, the (m,) float32 largest atlas objective dot(h, w) * max(0.1, cos(h, w))^p over each
+    cell's members h, with w the cell's row of `vectors` (what its icon maximises): the bar an icon
+    has to clear to stand for its cell better than any real sample of it.
+
+    Args:
+        acts: (n, C) activations, array or h5py dataset (read once, in float32 blocks).
+        grids: grids over the same samples.
+        vectors: per grid, (m, C) objective directions (directions, or whitened directions).
+        cos_power: p.
+    """
+    n = len(acts)
+    slots, out = [], []
+    for grid in grids:
+        slot = np.full(n, -1, np.int64)
+        slot[grid.index] = np.repeat(np.arange(len(grid)), np.diff(grid.indptr))
+        slots.append(slot)
+        out.append(np.full(len(grid), -np.inf, np.float32))
+    units = [v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) for v in vectors]
+    for start, block in iter_blocks(acts):
+        norms = np.maximum(np.linalg.norm(block, axis=1), 1e-8)
+        for slot, w, unit, best in zip(slots, vectors, units, out):
+            cells = slot[start:start + len(block)]
+            rows = np.flatnonzero(cells >= 0)
+            dot = np.einsum("ij,ij->i", block[rows], w[cells[rows]])
+            cos = np.einsum("ij,ij->i", block[rows], unit[cells[rows]]) / norms[rows]
+            value = (dot * np.maximum(cos, COS_FLOOR) ** cos_power).astype(np.float32)
+            np.maximum.at(best, cells[rows], value)
+    return out
+
+
 def pick_best(objective: np.ndarray, attempts: int) -> np.ndarray:
     """(m,) index of the best attempt per cell, from (m * attempts,) objectives in (cell, attempt) order."""
     return objective.reshape(-1, attempts).argmax(axis=1)
@@ -306,6 +345,7 @@ class GridIcons:
     median_member_cosine: float  # median over cells of the median member cosine
     path: Path  # RUN/<layer>/icons-<N>
     written: bool = True  # False for a shard that left the folder to rank 0 or to --merge
+    beats_best_member: float = float("nan")  # share of cells whose icon's objective exceeds every member's
 
 
 @dataclasses.dataclass
@@ -371,8 +411,12 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
             network = optvis.Network(module, [layer], normalise=model.preprocess.normalise, channels_last=True,
                                      maps={layer: maps[layer]}, autocast=AUTOCAST[r.precision], compile=r.compile)
             auto = None  # the layer's automatic icon side, measured once when a map asks for it
-            members = member_cosines(acts.layer(layer).acts, [grids[(m.name, size)] for m, size in keys])
-            for (m, size), member_cos in zip(keys, members):
+            layer_grids = [grids[(m.name, size)] for m, size in keys]
+            members = member_cosines(acts.layer(layer).acts, layer_grids)
+            bests = best_member_objectives(acts.layer(layer).acts, layer_grids,
+                                           [g.direction_whitened if r.whiten else g.direction for g in layer_grids],
+                                           r.cos_power)
+            for (m, size), member_cos, member_best in zip(keys, members, bests):
                 icon_size = r.icon_size_of(m.name)
                 if not icon_size:
                     auto = auto or auto_icon_size(network, layer, fixed)
@@ -382,8 +426,8 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
                     log(f"render: the model takes {input_size} px inputs only: {layer}'s icons are optimised at "
                         f"{input_size} px and cut to the {icon_size} px square around the centre position")
                 _check_layer(network, layer, grids[(m.name, size)], input_size or icon_size)
-                summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, icon_size,
-                                              input_size, log, shard, merge))
+                summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, member_best,
+                                              icon_size, input_size, log, shard, merge))
     for m, size in jobs:
         if (m, size) not in todo:
             summaries.append(GridIcons(m.name, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
@@ -479,7 +523,7 @@ SHARE_JOBS = 32  # render jobs per block shared out between processes: block k b
 
 
 def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid, member_cos: np.ndarray,
-                 icon_size: int, input_size: int | None, log: Callable[[str], None], shard: Shard = ALONE,
+                 member_best: np.ndarray, icon_size: int, input_size: int | None, log: Callable[[str], None], shard: Shard = ALONE,
                  merge: bool = False) -> GridIcons:
     """Renders (or resumes) this process's share of the icons of one map's grid, and writes its
     folder when this process writes results (see atlas.distributed)."""
@@ -548,7 +592,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
         x, y = int(grid.cell[c, 0]), int(grid.cell[c, 1])
         entries.append({"cell": [x, y], "file": icon_file(x, y), "objective": float(objective[j]),
                         "cosine": float(cosine[j]), "member_cosine": float(member_cos[c]),
-                        "steps": int(finished.steps[j]),
+                        "best_member_objective": float(member_best[c]), "steps": int(finished.steps[j]),
                         "seed": r.seed, "attempt": int(best[c])})
     meta = {"layer": layer, "map": name, "size": grid.size, "icon_size": icon_size,
             **({"input_size": input_size} if input_size else {}), "fingerprint": fp,
@@ -558,18 +602,20 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
             "steps": r.steps, "attempts": attempts, "seed": r.seed, "member_similarity": MEMBER_SIMILARITY,
             "icons": entries,
             "median_cosine": float(np.median(cosine[chosen])),
-            "median_member_cosine": float(np.median(member_cos))}
+            "median_member_cosine": float(np.median(member_cos)),
+            "beats_best_member": float(np.mean(objective[chosen] > member_best))}
     icons = store.write_icons(name, grid.size, finished.images[chosen], entries, meta)
     shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - t0
     summary = GridIcons(name, grid.size, m, False, resumed, seconds, rate, meta["median_cosine"],
-                        meta["median_member_cosine"], icons.folder)
+                        meta["median_member_cosine"], icons.folder, beats_best_member=meta["beats_best_member"])
     log(f"render: {name} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s"
         f"{f' on {shard.describe()}' if shard.group else ''}; "
         f"{icon_size} px{f' cut from {input_size} px' if input_size else ''}, {_steps_note(r, finished.steps[chosen])}, "
         f"{attempts} "
         f"attempt(s)); median cosine to the cell direction: icons "
-        f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; wrote {icons.folder}")
+        f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; icons beat their cell's best "
+        f"member on the objective in {summary.beats_best_member:.0%} of cells; wrote {icons.folder}")
     return summary
 
 

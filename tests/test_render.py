@@ -70,6 +70,10 @@ def test_render_writes_an_icon_per_cell_and_then_skips(tmp_path):
             assert entry["file"] == f"cell-{x}-{y}.png" and entry["attempt"] in (0, 1) and entry["seed"] == 0
             assert images[(x, y)].shape == (16, 16, 3) and images[(x, y)].dtype == np.uint8
         assert meta["median_cosine"] == pytest.approx(np.median([e["cosine"] for e in meta["icons"]]))
+        assert meta["beats_best_member"] == pytest.approx(np.mean([e["objective"] > e["best_member_objective"]
+                                                                   for e in meta["icons"]]))
+        assert meta["beats_best_member"] == pytest.approx(np.mean([e["objective"] > e["best_member_objective"]
+                                                                   for e in meta["icons"]]))
         # objective and cosine are measured on the saved pixels
         pixels = torch.stack([torch.tensor(images[tuple(e["cell"])]).permute(2, 0, 1) for e in meta["icons"]])
         acts = optvis.evaluate(network, pixels.float() / 255)
@@ -264,3 +268,18 @@ def test_render_with_a_schedule_and_early_stopping_records_each_icons_steps(tmp_
     steps = [e["steps"] for e in meta["icons"]]
     assert all(4 <= s <= 24 for s in steps) and min(steps) < 24  # a 50% rise per window: they stop early
     assert meta["steps"] == 24 and any("steps on average (of 24)" in line for line in lines)
+
+
+def test_best_member_objective_is_the_largest_atlas_objective_of_a_cell_member():
+    acts = np.array([[1, 0], [1, 1], [0, 1], [2, 0], [0, 3]], np.float32)
+    grid = Grid(2, np.array([[0, 0], [1, 0]], np.int32), np.array([3, 2], np.int32),
+                np.array([[1, 0], [0, 1]], np.float32), np.array([0, 3, 5]), np.array([0, 1, 3, 2, 4]))
+    vectors = np.array([[2, 0], [0, 1]], np.float32)
+    (best,) = render.best_member_objectives(acts, [grid], [vectors], cos_power=2)
+    # cell 0 (w = (2, 0)): members (1, 0) -> 2, (1, 1) -> 2 * 0.5, (2, 0) -> 4; cell 1 (w = (0, 1)): (0, 1) -> 1, (0, 3) -> 3
+    np.testing.assert_allclose(best, [4, 3], rtol=1e-6)
+    (floored,) = render.best_member_objectives(np.array([[1, -1], [0, 1]], np.float32),
+                                               [Grid(1, np.array([[0, 0]], np.int32), np.array([1], np.int32),
+                                                     np.array([[1, 0]], np.float32), np.array([0, 1]),
+                                                     np.array([0]))], [np.array([[1, 0]], np.float32)], 3)
+    np.testing.assert_allclose(floored, [1 * (2 ** -0.5) ** 3], rtol=1e-6)
