@@ -238,14 +238,14 @@ class RenderConfig:
     sizes_for: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per map (layer or focus-map name): its own list of sizes instead of render.sizes, e.g. {"blocks.10" = [10, 20]}
     icon_size: int = 0  # icon side in pixels (the article: 80); 0 = per layer, the smallest odd number (>= 3) of the layer's strides that is at least 64 px, so the icon's map has a true centre position (blocks.4: 72, blocks.10: 80, blocks.15: 96)
     icon_size_for: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per layer or map: its own icon side, e.g. {"blocks.15" = 128}; overrides icon_size
-    steps: int = 256  # optimisation steps per icon (the article: 512-1024)
+    steps: int = 256  # optimisation steps per icon at most (the article: 512-1024); early stopping ends most icons sooner
     attempts: int = 1  # optimise this many candidates per cell and keep the best
     batch_size: int = 32  # icons optimised together; bigger is faster until memory runs out; 0 = auto (32 on the CPU, what fits in half the free memory on a GPU)
     lr: float = 0.05  # Adam learning rate (its peak, under a schedule)
     schedule: str = "constant"  # learning rate over the steps: "constant", or "cosine" (linear warm-up over render.warmup steps, then a half cosine down to 0 at the last step)
     warmup: int = 0  # with schedule = "cosine": warm-up steps (fewer than render.steps)
-    stop_window: int = 0  # early stopping: an icon stops once its mean objective over the last stop_window steps rose less than stop_rise (relative) over the window before; 0 = every icon takes every step
-    stop_rise: float = 0.0  # early stopping's threshold: relative rise per window (0.01 = 1%) below which an icon stops
+    stop_window: int = 16  # early stopping: an icon stops once its mean objective over the last stop_window steps rose less than stop_rise (relative) over the window before; 0 = every icon takes every step
+    stop_rise: float = 0.01  # early stopping's threshold: relative rise per window (0.01 = 1%) below which an icon stops
     precision: str = "float32"  # "float32", or "bfloat16": the model runs under bf16 autocast (for GPUs with bf16 units; slower on a CPU)
     compile: bool = False  # run the model through torch.compile (a one-off compile per batch shape; pays on a GPU for long renders, slower on a CPU)
     cos_power: float = 3.0  # p in dot(h, v) * max(0.1, cos(h, v))^p (the article: 2-4)
