@@ -236,7 +236,7 @@ class RenderConfig:
 
     sizes: tuple[int, ...] = ()  # grid sizes to render icons for; empty = every size in grid.sizes
     sizes_for: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per map (layer or focus-map name): its own list of sizes instead of render.sizes, e.g. {"blocks.10" = [10, 20]}
-    icon_size: int = 0  # icon side in pixels (the article: 80); 0 = per layer, the smallest odd number (>= 3) of the layer's strides that is at least 64 px, so the icon's map has a true centre position (blocks.4: 72, blocks.10: 80, blocks.15: 96)
+    icon_size: int = 0  # icon side in pixels (the article: 80); 0 = per layer, the smallest odd number (>= 5) of the layer's strides that is at least 64 px, so the icon's map has a true centre position (Lite0: blocks.4 72, blocks.10 80, blocks.15 160)
     icon_size_for: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per layer or map: its own icon side, e.g. {"blocks.15" = 128}; overrides icon_size
     steps: int = 256  # optimisation steps per icon at most (the article: 512-1024); early stopping ends most icons sooner
     attempts: int = 1  # optimise this many candidates per cell and keep the best

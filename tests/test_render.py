@@ -230,23 +230,25 @@ def test_lite0_icon_does_not_depend_on_its_batch():
 # --------------------------------------------------------------------------------- icon size per layer
 
 
-@pytest.mark.parametrize("stride, minimum, side", [(8, 64, 72), (16, 64, 80), (32, 64, 96), (2, 64, 66),
-                                                   (64, 64, 192), (16, 48, 48), (24, 64, 72), (7, 10, 21)])
-def test_icon_size_for_stride_is_an_odd_number_of_strides_of_at_least_three(stride, minimum, side):
-    assert render.icon_size_for_stride(stride, minimum) == side
+@pytest.mark.parametrize("stride, minimum, strides, side", [
+    (8, 64, 5, 72), (16, 64, 5, 80), (32, 64, 5, 160), (32, 64, 3, 96), (2, 64, 5, 66), (64, 64, 5, 320),
+    (16, 48, 3, 48), (24, 64, 3, 72), (7, 10, 3, 21), (4, 8, 4, 20)])
+def test_icon_size_for_stride_is_an_odd_number_of_enough_strides(stride, minimum, strides, side):
+    assert render.icon_size_for_stride(stride, minimum, strides) == side
     n = side // stride
-    assert side % stride == 0 and n % 2 == 1 and n >= 3 and side >= minimum
+    assert side % stride == 0 and n % 2 == 1 and n >= strides and side >= minimum
 
 
 def test_auto_icon_size_is_measured_on_the_layer():
     network = tiny_network()  # "deep": a 3x3 stride-2 conv, padding 1
-    side = render.auto_icon_size(network, LAYER, minimum=8)
+    side = render.auto_icon_size(network, LAYER, minimum=8, min_strides=3)
     assert side == 10 and render.map_hw(network, LAYER, side) == (5, 5)  # 5 strides: a centre and two rings
+    assert render.auto_icon_size(network, LAYER, minimum=8, min_strides=7) == 14
     assert render.auto_icon_size(network, LAYER) == 66  # 33 strides of 2: at least 64 px
     features = optvis.Network(load_model("tiny:make", "none", PREPROCESS).module, ["features"])
     with pytest.raises(ValueError):
         render.icon_size_for_stride(0)
-    assert render.auto_icon_size(features, "features", minimum=16) == 17  # stride 1: 17 is odd
+    assert render.auto_icon_size(features, "features", minimum=16, min_strides=3) == 17  # stride 1: 17 is odd
 
 
 def test_icon_size_for_a_map_overrides_and_icons_json_records_it(tmp_path):
