@@ -244,7 +244,7 @@ class RenderConfig:
     lr: float = 0.05  # Adam learning rate (its peak, under a schedule)
     schedule: str = "constant"  # learning rate over the steps: "constant", or "cosine" (linear warm-up over render.warmup steps, then a half cosine down to 0 at the last step)
     warmup: int = 0  # with schedule = "cosine": warm-up steps (fewer than render.steps)
-    stop_window: int = 16  # early stopping: an icon stops once its mean objective over the last stop_window steps rose less than stop_rise (relative) over the window before; 0 = every icon takes every step
+    stop_window: int = 32  # early stopping: an icon stops once its mean objective over the last stop_window steps rose less than stop_rise (relative) over the window before; 0 = every icon takes every step
     stop_rise: float = 0.01  # early stopping's threshold: relative rise per window (0.01 = 1%) below which an icon stops
     precision: str = "float32"  # "float32", or "bfloat16": the model runs under bf16 autocast (for GPUs with bf16 units; slower on a CPU)
     compile: bool = False  # run the model through torch.compile (a one-off compile per batch shape; pays on a GPU for long renders, slower on a CPU)

@@ -21,7 +21,9 @@ the map of an icon has a true centre position with rings of positions around it.
 Method (Lucid's activation-atlas recipe): each icon maximises dot(h, w) * max(0.1, cos(h, w))^p at
 the centre position (W // 2, H // 2) of the layer's map for an icon-sized input, with w the cell's
 direction (or its whitened direction), over a Fourier-parameterised decorrelated-colour image
-with random pad / jitter / scale / rotation, by Adam. All cells of a grid are optimised together,
+with random pad / jitter / scale / rotation, by Adam (constant lr, or a warm-up + cosine schedule).
+Each icon stops once its objective stops rising (`render.stop_window`, `render.stop_rise`; see
+`optvis.EarlyStop`) and leaves its batch. All cells of a grid are optimised together,
 `render.batch_size` at a time; the best of `render.attempts` attempts (by final objective) is kept.
 Icon (cell, attempt) draws every random number from its own generator seeded by (seed, N, x, y,
 attempt), so it does not depend on which other icons share its batch, nor on the batch size.
