@@ -237,11 +237,18 @@ class RenderConfig:
 
     sizes: tuple[int, ...] = ()  # grid sizes to render icons for; empty = every size in grid.sizes
     sizes_for: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per map (layer or focus-map name): its own list of sizes instead of render.sizes, e.g. {"blocks.10" = [10, 20]}
-    icon_size: int = 64  # icon side in pixels (the article: 80)
-    steps: int = 256  # optimisation steps per icon (the article: 512-1024)
+    icon_size: int = 0  # icon side in pixels (the article: 80); 0 = per layer, the smallest odd number (>= 5) of the layer's strides that is at least 64 px, so the icon's map has a true centre position (Lite0: blocks.4 72, blocks.10 80, blocks.15 160)
+    icon_size_for: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per layer or map: its own icon side, e.g. {"blocks.15" = 128}; overrides icon_size
+    steps: int = 256  # optimisation steps per icon at most (the article: 512-1024); early stopping ends most icons sooner
     attempts: int = 1  # optimise this many candidates per cell and keep the best
     batch_size: int = 32  # icons optimised together; bigger is faster until memory runs out; 0 = auto (32 on the CPU, what fits in half the free memory on a GPU)
-    lr: float = 0.05  # Adam learning rate
+    lr: float = 0.05  # Adam learning rate (its peak, under a schedule)
+    schedule: str = "constant"  # learning rate over the steps: "constant", or "cosine" (linear warm-up over render.warmup steps, then a half cosine down to 0 at the last step)
+    warmup: int = 0  # with schedule = "cosine": warm-up steps (fewer than render.steps)
+    stop_window: int = 32  # early stopping: an icon stops once its mean objective over the last stop_window steps rose less than stop_rise (relative) over the window before; 0 = every icon takes every step
+    stop_rise: float = 0.01  # early stopping's threshold: relative rise per window (0.01 = 1%) below which an icon stops
+    precision: str = "float32"  # "float32", or "bfloat16": the model runs under bf16 autocast (for GPUs with bf16 units; slower on a CPU)
+    compile: bool = False  # run the model through torch.compile (a one-off compile per batch shape; pays on a GPU for long renders, slower on a CPU)
     cos_power: float = 3.0  # p in dot(h, v) * max(0.1, cos(h, v))^p (the article: 2-4)
     whiten: bool = False  # optimise towards the whitened direction (needs grid.whiten = true)
     decorrelate: bool = True  # decorrelated-colour Fourier parameterisation; false = plain pixels
@@ -253,8 +260,19 @@ class RenderConfig:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:N"
 
     def __post_init__(self) -> None:
-        _check_fields(self, "render.", icon_size=16, steps=1, attempts=1, batch_size=0, cos_power=0, pad=0, jitter=0,
-                      rotate=0, seed=0)
+        _check_fields(self, "render.", icon_size=0, steps=1, attempts=1, batch_size=0, cos_power=0, pad=0, jitter=0,
+                      rotate=0, seed=0, warmup=0, stop_window=0, stop_rise=0)
+        _check(self.icon_size == 0 or self.icon_size >= 16,
+               f"render.icon_size must be 0 (automatic, per layer) or >= 16 pixels, got {self.icon_size}")
+        for name, side in self.icon_size_for.items():
+            _check(isinstance(side, int) and not isinstance(side, bool) and side >= 16,
+                   f"render.icon_size_for.{name} must be an icon side in pixels, >= 16, e.g. 96")
+        _check(self.schedule in ("constant", "cosine"),
+               f"render.schedule must be \"constant\" or \"cosine\", got {self.schedule!r}")
+        _check(self.warmup < self.steps,
+               f"render.warmup ({self.warmup}) must be fewer than render.steps ({self.steps})")
+        _check(self.precision in ("float32", "bfloat16"),
+               f"render.precision must be \"float32\" or \"bfloat16\", got {self.precision!r}")
         _check(all(s >= 1 for s in self.sizes),
                "render.sizes must list positive grid sizes (empty = all of grid.sizes)")
         for name, sizes in self.sizes_for.items():
@@ -262,11 +280,17 @@ class RenderConfig:
                                                             for s in sizes),
                    f"render.sizes_for.{name} must be a list of grid sizes, e.g. [10, 20]")
         object.__setattr__(self, "sizes_for", {name: tuple(sizes) for name, sizes in self.sizes_for.items()})
+        object.__setattr__(self, "icon_size_for", dict(self.icon_size_for))
         _check(self.lr > 0, f"render.lr must be > 0, got {self.lr!r}")
         _check(self.pad >= self.jitter, f"render.pad ({self.pad}) must be >= render.jitter ({self.jitter}): "
                "the two random shifts crop 2 x jitter pixels that the padding has to give back")
         _check(0 <= self.scale < 1, f"render.scale must be in [0, 1), got {self.scale!r}")
         _check_device(self.device, "render.device")
+
+    def icon_size_of(self, name: str) -> int:
+        """The icon side set for a map (`icon_size_for` by map name, then by its layer, else
+        `icon_size`); 0 = automatic, from the layer's stride (atlas.render.auto_icon_size)."""
+        return self.icon_size_for.get(name) or self.icon_size_for.get(_layer_of(name)) or self.icon_size
 
     def sizes_of(self, name: str, grid_sizes: Sequence[int]) -> tuple[int, ...]:
         """The grid sizes to render for one map (`sizes_for`, else `sizes`, else all of grid.sizes)."""
@@ -277,7 +301,7 @@ class RenderConfig:
 class MosaicConfig:
     """How icons are laid out into the atlas image (the `[mosaic]` table)."""
 
-    icon_px: int = 0  # pixels per cell in the atlas image; 0 = render.icon_size
+    icon_px: int = 0  # pixels per cell in the atlas image (icons are resized to it); 0 = render.icon_size, or 64 when that is 0 (automatic, per layer)
     scale_by_density: bool = False  # draw sparse cells smaller (icon side grows with the cell's count)
     density_floor: float = 0.3  # with scale_by_density: icon side of a nearly empty cell, as a fraction of the cell
     labels: bool = False  # also write atlas-N-labels.png, atlas-preview-N-labels.png: top class printed on each cell
@@ -331,6 +355,10 @@ class Config:
             missing = sorted({s for s in sizes if s not in grid_sizes})
             _check(not missing, f"render.sizes_for.{name} {missing} are not in grid.sizes {grid_sizes}; "
                    f"add them to grid.sizes or drop them from render.sizes_for.{name}")
+        for name in self.render.icon_size_for:
+            if _layer_of(name) not in layers:
+                raise AtlasError(f"render.icon_size_for names {name!r}, whose layer is not in layers {layers}; "
+                                 "name a layer or one of its focus maps")
         for name in self.render.sizes_for:
             if _layer_of(name) not in layers:
                 raise AtlasError(f"render.sizes_for names {name!r}, whose layer is not in layers {layers}; "

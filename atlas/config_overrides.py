@@ -1,7 +1,7 @@
 """Overrides that compose: the keys of a config file that a `--set` made stale are dropped.
 
 A smaller grid.sizes or fewer layers should not force the user to also rewrite render.sizes,
-render.sizes_for and layout.focus_layers. Only keys the user did not give are dropped, and only
+render.sizes_for, render.icon_size_for and layout.focus_layers. Only keys the user did not give are dropped, and only
 when the file's own values agreed with each other, so a conflict between two values the user gave
 is still an error (atlas.config says which).
 """
@@ -60,6 +60,11 @@ def drop_stale(before: Mapping[str, Any], after: dict[str, Any], given: Sequence
                 sizes_for[name] = kept
     if notes:
         replace("render.sizes_for", sizes_for, "; ".join(notes))
+    lost = [name for name in render.icon_size_for if _layer_of(name) in lost_layers
+            and not explicit(f"render.icon_size_for.{name}")]
+    if lost:
+        replace("render.icon_size_for", {k: v for k, v in render.icon_size_for.items() if k not in lost},
+                "; ".join(f"render.icon_size_for.{name} (its layer is not in layers)" for name in lost))
     stale = [name for name in layout.focus_layers if name in lost_layers]
     if stale and not explicit("layout.focus_layers"):
         kept = [name for name in layout.focus_layers if name not in stale]

@@ -25,7 +25,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     path = key.split(".")
-    if path[:2] == ["render", "sizes_for"] and len(path) > 3:
+    if path[:2] in (["render", "sizes_for"], ["render", "icon_size_for"]) and len(path) > 3:
         path = path[:2] + [".".join(path[2:])]  # a map name has dots of its own: blocks.10, blocks.15/class-x
     return path, value
 

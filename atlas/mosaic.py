@@ -9,7 +9,8 @@ layer, and each focus map `<layer>/class-<slug>`, `<layer>/pair-<a>-<b>` of atla
   with each cell's top class printed on it. A separate file, so the plain atlas stays unmarked
   for zooming and the two can be flipped between (they have the same geometry).
 
-Geometry: the canvas is white, N * px square, px = `mosaic.icon_px` (0 = `render.icon_size`);
+Geometry: the canvas is white, N * px square, px = `mosaic.icon_px` (0 = `render.icon_size`, or
+64 when icon sizes are automatic and differ by layer; icons are resized to px);
 cell (x, y) of the grid covers columns [x * px, (x + 1) * px) and rows [(N - 1 - y) * px, ...), so
 y grows upwards as in the layout. Empty cells stay white. With `mosaic.scale_by_density` a cell's
 icon is drawn smaller and centred (see `cell_scale`).

@@ -6,16 +6,24 @@ grid size N in `render.sizes_for[map]`, else `render.sizes`, else all of `grid.s
 (icon_size, icon_size) RGB icon per kept cell, and icons.json with per icon `cell` [x, y], `file`,
 `objective` (its final objective), `cosine` (between its centre activation and the cell's
 direction; both measured on the saved 8-bit pixels without transforms), `member_cosine` (the
-median cosine of the cell's member activations to the direction), `steps`, `seed`, `attempt`; and
-for the folder `layer`, `map`, `size`, `icon_size`, `fingerprint`, `grid_fingerprint`
-(`Grid.digest()`: icons are kept while their grid's cells and directions stay the same),
-`objective` (in words), `steps`, `attempts`, `seed`, `member_similarity`, `median_cosine` and
-`median_member_cosine` (medians over cells).
+median cosine of the cell's member activations to the direction), `best_member_objective` (the
+largest objective of a member's activation), `steps` (taken; fewer than asked when it stopped
+early), `seed`, `attempt`; and for the folder `layer`, `map`, `size`, `icon_size`, `fingerprint`,
+`grid_fingerprint` (`Grid.digest()`: icons are kept while their grid's cells and directions stay
+the same), `objective` (in words), `steps`, `attempts`, `seed`, `member_similarity`,
+`median_cosine` and `median_member_cosine` (medians over cells), `beats_best_member` (the share
+of cells whose icon's objective exceeds their best member's).
+
+Icon size: `render.icon_size`, or per layer or map `render.icon_size_for`; 0 = automatic: the
+smallest odd number (>= 5) of the layer's strides that is at least 64 px (`auto_icon_size`), so
+the map of an icon has a true centre position with rings of positions around it.
 
 Method (Lucid's activation-atlas recipe): each icon maximises dot(h, w) * max(0.1, cos(h, w))^p at
 the centre position (W // 2, H // 2) of the layer's map for an icon-sized input, with w the cell's
 direction (or its whitened direction), over a Fourier-parameterised decorrelated-colour image
-with random pad / jitter / scale / rotation, by Adam. All cells of a grid are optimised together,
+with random pad / jitter / scale / rotation, by Adam (constant lr, or a warm-up + cosine schedule).
+Each icon stops once its objective stops rising (`render.stop_window`, `render.stop_rise`; see
+`optvis.EarlyStop`) and leaves its batch. All cells of a grid are optimised together,
 `render.batch_size` at a time; the best of `render.attempts` attempts (by final objective) is kept.
 Icon (cell, attempt) draws every random number from its own generator seeded by (seed, N, x, y,
 attempt), so it does not depend on which other icons share its batch, nor on the batch size.
@@ -47,6 +55,7 @@ from .config import Config, RenderConfig
 from .distributed import ALONE, Shard
 from .errors import AtlasError
 from .focus import MapSpec
+from .blocks import iter_blocks
 from .grid import cosine_to_direction
 from .layer_maps import LayerMap, maps_from_json
 from .layers import map_shapes
@@ -86,11 +95,13 @@ class IconBatch:
     images: np.ndarray  # (b, S, S, 3) uint8
     objective: np.ndarray  # (b,) float32 final objective on the 8-bit pixels, no transforms
     cosine: np.ndarray  # (b,) float32 cos(centre activation, reference direction)
+    steps: np.ndarray  # (b,) int64 optimisation steps each icon took (fewer than asked when it stopped early)
 
 
 def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
                  seeds: Sequence[int], *, icon_size: int, steps: int, lr: float, cos_power: float, decorrelate: bool,
-                 pad: int, jitter: int, scale: float, rotate: float, input_size: int | None = None,
+                 pad: int, jitter: int, scale: float, rotate: float, schedule: str = "constant", warmup: int = 0,
+                 stop_window: int = 0, stop_rise: float = 0.0, input_size: int | None = None,
                  on_step: Callable[[int], None] | None = None) -> IconBatch:
     """Optimises one batch of icons together and measures them.
 
@@ -100,15 +111,16 @@ def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, refer
         vectors: (b, C) float32 objective directions (the cells' directions, or whitened ones).
         reference: (b, C) float32 directions the reported cosine is measured against.
         seeds: b seeds, one generator each (see `icon_seed`).
-        icon_size, steps, lr, cos_power, decorrelate, pad, jitter, scale, rotate, input_size: see
-            `render_icons`.
+        icon_size, steps, lr, cos_power, decorrelate, pad, jitter, scale, rotate, schedule, warmup,
+            stop_window, stop_rise, input_size: see `render_icons`.
         on_step: called with the step number after each step.
 
     Returns:
         The 8-bit icons, with their objective and cosine measured on exactly those pixels.
     """
     settings = dict(icon_size=icon_size, steps=steps, lr=lr, cos_power=cos_power, decorrelate=decorrelate, pad=pad,
-                    jitter=jitter, scale=scale, rotate=rotate, input_size=input_size)
+                    jitter=jitter, scale=scale, rotate=rotate, schedule=schedule, warmup=warmup,
+                    stop_window=stop_window, stop_rise=stop_rise, input_size=input_size)
     if len(seeds) == 1:
         # oneDNN runs a batch of one through other convolution kernels than any larger batch
         # (whose results per image are identical whatever the batch), and 256 Adam steps through
@@ -116,14 +128,15 @@ def render_batch(network: optvis.Network, layer: str, vectors: np.ndarray, refer
         # pair, so every icon gets the same arithmetic whatever its batch.
         pair = optimize_icons(network, layer, np.repeat(vectors, 2, 0), np.repeat(reference, 2, 0),
                               [seeds[0]] * 2, on_step, **settings)
-        return IconBatch(pair.images[:1], pair.objective[:1], pair.cosine[:1])
+        return IconBatch(pair.images[:1], pair.objective[:1], pair.cosine[:1], pair.steps[:1])
     return optimize_icons(network, layer, vectors, reference, seeds, on_step, **settings)
 
 
 def optimize_icons(network: optvis.Network, layer: str, vectors: np.ndarray, reference: np.ndarray,
                    seeds: Sequence[int], on_step: Callable[[int], None] | None, *, icon_size: int, steps: int,
                    lr: float, cos_power: float, decorrelate: bool, pad: int, jitter: int, scale: float,
-                   rotate: float, input_size: int | None = None) -> IconBatch:
+                   rotate: float, schedule: str = "constant", warmup: int = 0, stop_window: int = 0,
+                   stop_rise: float = 0.0, input_size: int | None = None) -> IconBatch:
     """`render_batch` without its care for lone icons: a batch of one may round differently
     from the same icon in a larger batch."""
     size = input_size or icon_size
@@ -135,7 +148,8 @@ def optimize_icons(network: optvis.Network, layer: str, vectors: np.ndarray, ref
     objective = icon_objective(layer, vectors, cos_power)
     vis = optvis.optimize(network, objective, image, generators=generators,
                           transform=icon_transform(size, pad, jitter, scale, rotate), steps=steps, lr=lr,
-                          on_step=on_step)
+                          schedule=lr_schedule(schedule, steps, warmup),
+                          early_stop=early_stop(stop_window, stop_rise), on_step=on_step)
     pixels = (vis.images * 255).round().clamp(0, 255).to(torch.uint8)
     acts = optvis.evaluate(network, pixels.float() / 255)
     centre = optvis.at_position(acts[layer]).float()
@@ -145,7 +159,25 @@ def optimize_icons(network: optvis.Network, layer: str, vectors: np.ndarray, ref
         pixels = pixels[:, :, top:top + icon_size, left:left + icon_size]
     return IconBatch(pixels.permute(0, 2, 3, 1).cpu().numpy(),
                      objective(acts).float().cpu().numpy(),
-                     optvis.cosine_at(centre, reference_t).cpu().numpy())
+                     optvis.cosine_at(centre, reference_t).cpu().numpy(), vis.steps.numpy())
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(name: str, steps: int, warmup: int) -> optvis.Schedule | None:
+    """render.schedule as a schedule: "constant" (None: Adam's lr throughout), or "cosine" (a
+    linear warm-up over `warmup` steps, then a half cosine from lr to 0 at the last step)."""
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return optvis.warmup_cosine(steps, warmup=min(warmup, steps - 1))
+    raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+
+
+def early_stop(window: int, min_rise: float) -> optvis.EarlyStop | None:
+    """render.stop_window and render.stop_rise as an `optvis.EarlyStop` (None when window is 0)."""
+    return optvis.EarlyStop(window, min_rise) if window > 0 else None
 
 
 def centre_window(input_size: int, map_hw: tuple[int, int], icon_size: int) -> tuple[int, int]:
@@ -162,8 +194,10 @@ def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndar
                  reference: np.ndarray | None = None, seeds: Sequence[int] | None = None, seed: int = 0,
                  icon_size: int = 64, steps: int = 256, lr: float = 0.05, cos_power: float = 3.0,
                  decorrelate: bool = True, pad: int = 4, jitter: int = 4, scale: float = 0.1, rotate: float = 5.0,
+                 schedule: str = "constant", warmup: int = 0, stop_window: int = 0, stop_rise: float = 0.0,
                  batch_size: int = 32, normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  input_size: int | None = None, layer_map: LayerMap | None = None,
+                 precision: str = "float32", compile: bool = False,
                  device: str | torch.device = "cpu") -> IconBatch:
     """Renders an atlas icon for each direction, in memory (no files).
 
@@ -181,24 +215,33 @@ def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndar
         reference: (m, C) directions the reported cosine is measured against; default `directions`.
         seeds: m seeds, one per icon; default `icon_seed(seed, 0, i, 0, 0)` for icon i.
         seed: see `seeds`; default 0.
-        icon_size: icon side in pixels, >= 16; default 64.
+        icon_size: icon side in pixels, >= 16, or 0 for the layer's automatic side
+            (`auto_icon_size`); default 64.
         steps: Adam steps; default 256.
-        lr: Adam's learning rate; default 0.05.
+        lr: Adam's learning rate (its peak under a schedule); default 0.05.
         cos_power: p of the objective; default 3.
         decorrelate: decorrelated-colour Fourier image (False: plain pixels); default True.
         pad, jitter: pixels of padding and of random translation (pad >= jitter); default 4, 4.
         scale: random scale drawn from [1 - scale, 1 + scale]; default 0.1.
         rotate: random rotation in degrees drawn from [-rotate, rotate]; default 5.
+        schedule, warmup: learning rate over the steps, "constant" or "cosine" (a linear warm-up
+            over `warmup` steps, then a half cosine to 0); default "constant", 0.
+        stop_window, stop_rise: early stopping (`optvis.EarlyStop`): an icon stops once its mean
+            objective over the last stop_window steps rose less than stop_rise (relative) over
+            the window before; default 0 = no early stopping.
         batch_size: icons optimised together; default 32.
         normalise: [0, 1] pixels -> model input; default the LoadedModel's, else identity.
         input_size: side of the optimised image; default `models.fixed_input_size(model)` for a
             model that takes one size, else icon_size.
         layer_map: how the layer's output reads as a map (`atlas.layer_maps`); default resolved
             from its shape ("auto").
+        precision: "float32", or "bfloat16" (the model under bf16 autocast); default "float32".
+        compile: run the model through `torch.compile`; default False.
         device: where the model runs; default "cpu". The model is moved there.
 
     Returns:
-        IconBatch: `images` (m, S, S, 3) uint8 (S = icon_size), `objective` (m,) and `cosine` (m,) float32.
+        IconBatch: `images` (m, S, S, 3) uint8 (S = icon_size), `objective` (m,) and `cosine` (m,)
+        float32, `steps` (m,) int64.
     """
     if isinstance(model, LoadedModel):
         normalise = normalise or model.preprocess.normalise
@@ -207,26 +250,31 @@ def render_icons(model: nn.Module | LoadedModel, layer: str, directions: np.ndar
     reference = directions if reference is None else np.asarray(reference, np.float32)
     seeds = list(seeds) if seeds is not None else [icon_seed(seed, 0, i, 0, 0) for i in range(len(directions))]
     module = model.to(torch.device(device)).to(memory_format=torch.channels_last)
+    if layer_map is None:
+        probe = input_size or fixed_input_size(module) or icon_size or PROBE_PX
+        layer_map = map_shapes(module, (3, probe, probe), [layer])[0][layer]
+    network = optvis.Network(module, [layer], normalise=normalise, channels_last=True, maps={layer: layer_map},
+                             autocast=AUTOCAST[precision], compile=compile)
+    icon_size = icon_size or auto_icon_size(network, layer, input_size or fixed_input_size(module))
     input_size = input_size or optimisation_size(module, icon_size)
     if input_size is not None and input_size < icon_size:
         raise AtlasError(f"icon_size {icon_size} is larger than the {input_size} px image the icons are optimised at")
-    if layer_map is None:
-        layer_map = map_shapes(module, (3, input_size or icon_size, input_size or icon_size), [layer])[0][layer]
-    network = optvis.Network(module, [layer], normalise=normalise, channels_last=True, maps={layer: layer_map})
     settings = dict(icon_size=icon_size, steps=steps, lr=lr, cos_power=cos_power, decorrelate=decorrelate, pad=pad,
-                    jitter=jitter, scale=scale, rotate=rotate, input_size=input_size)
+                    jitter=jitter, scale=scale, rotate=rotate, schedule=schedule, warmup=warmup,
+                    stop_window=stop_window, stop_rise=stop_rise, input_size=input_size)
     parts = [render_batch(network, layer, directions[a:a + batch_size], reference[a:a + batch_size],
                           seeds[a:a + batch_size], **settings) for a in range(0, len(directions), batch_size)]
     if not parts:
         return IconBatch(np.zeros((0, icon_size, icon_size, 3), np.uint8), np.zeros(0, np.float32),
-                         np.zeros(0, np.float32))
-    return IconBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "objective", "cosine")))
+                         np.zeros(0, np.float32), np.zeros(0, np.int64))
+    return IconBatch(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(IconBatch)))
 
 
 def icon_options(r: RenderConfig) -> dict[str, Any]:
     """The keyword arguments of `render_batch` that the `[render]` table sets."""
     return dict(icon_size=r.icon_size, steps=r.steps, lr=r.lr, cos_power=r.cos_power, decorrelate=r.decorrelate,
-                pad=r.pad, jitter=r.jitter, scale=r.scale, rotate=r.rotate)
+                pad=r.pad, jitter=r.jitter, scale=r.scale, rotate=r.rotate, schedule=r.schedule, warmup=r.warmup,
+                stop_window=r.stop_window, stop_rise=r.stop_rise)
 
 
 def member_cosines(acts: Any, grids: Sequence[Grid]) -> list[np.ndarray]:
@@ -241,6 +289,38 @@ def member_cosines(acts: Any, grids: Sequence[Grid]) -> list[np.ndarray]:
         result.append(np.array([np.median(members[a:b]) for a, b in zip(grid.indptr[:-1], grid.indptr[1:])],
                                np.float32))
     return result
+
+
+def best_member_objectives(acts: Any, grids: Sequence[Grid], vectors: Sequence[np.ndarray],
+                           cos_power: float) -> list[np.ndarray]:
+    """Per grid, the (m,) float32 largest atlas objective dot(h, w) * max(0.1, cos(h, w))^p over each
+    cell's members h, with w the cell's row of `vectors` (what its icon maximises): the bar an icon
+    has to clear to stand for its cell better than any real sample of it.
+
+    Args:
+        acts: (n, C) activations, array or h5py dataset (read once, in float32 blocks).
+        grids: grids over the same samples.
+        vectors: per grid, (m, C) objective directions (directions, or whitened directions).
+        cos_power: p.
+    """
+    n = len(acts)
+    slots, out = [], []
+    for grid in grids:
+        slot = np.full(n, -1, np.int64)
+        slot[grid.index] = np.repeat(np.arange(len(grid)), np.diff(grid.indptr))
+        slots.append(slot)
+        out.append(np.full(len(grid), -np.inf, np.float32))
+    units = [v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) for v in vectors]
+    for start, block in iter_blocks(acts):
+        norms = np.maximum(np.linalg.norm(block, axis=1), 1e-8)
+        for slot, w, unit, best in zip(slots, vectors, units, out):
+            cells = slot[start:start + len(block)]
+            rows = np.flatnonzero(cells >= 0)
+            dot = np.einsum("ij,ij->i", block[rows], w[cells[rows]])
+            cos = np.einsum("ij,ij->i", block[rows], unit[cells[rows]]) / norms[rows]
+            value = (dot * np.maximum(cos, COS_FLOOR) ** cos_power).astype(np.float32)
+            np.maximum.at(best, cells[rows], value)
+    return out
 
 
 def pick_best(objective: np.ndarray, attempts: int) -> np.ndarray:
@@ -267,6 +347,7 @@ class GridIcons:
     median_member_cosine: float  # median over cells of the median member cosine
     path: Path  # RUN/<layer>/icons-<N>
     written: bool = True  # False for a shard that left the folder to rank 0 or to --merge
+    beats_best_member: float = float("nan")  # share of cells whose icon's objective exceeds every member's
 
 
 @dataclasses.dataclass
@@ -321,10 +402,7 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     # Channels-last runs the convolutions' forward and backward faster on the CPU (measured:
     # benchmarks/render.py) and is neutral or better on a GPU.
     module = model.module.to(device).to(memory_format=torch.channels_last)
-    input_size = optimisation_size(module, r.icon_size)
-    if input_size is not None:
-        log(f"render: the model takes {input_size} px inputs only: icons are optimised at {input_size} px and cut "
-            f"to the {r.icon_size} px square around the centre position")
+    fixed = fixed_input_size(module)
     summaries: list[GridIcons] = []
     with store.activations("render") as acts:
         maps = maps_from_json(acts.layer_maps, config.layers)
@@ -333,12 +411,25 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
             if not keys:
                 continue
             network = optvis.Network(module, [layer], normalise=model.preprocess.normalise, channels_last=True,
-                                     maps={layer: maps[layer]})
-            _check_layer(network, layer, grids[(keys[0][0].name, keys[0][1])], input_size or r.icon_size)
-            members = member_cosines(acts.layer(layer).acts, [grids[(m.name, size)] for m, size in keys])
-            for (m, size), member_cos in zip(keys, members):
-                summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, input_size,
-                                              log, shard, merge))
+                                     maps={layer: maps[layer]}, autocast=AUTOCAST[r.precision], compile=r.compile)
+            auto = None  # the layer's automatic icon side, measured once when a map asks for it
+            layer_grids = [grids[(m.name, size)] for m, size in keys]
+            members = member_cosines(acts.layer(layer).acts, layer_grids)
+            bests = best_member_objectives(acts.layer(layer).acts, layer_grids,
+                                           [g.direction_whitened if r.whiten else g.direction for g in layer_grids],
+                                           r.cos_power)
+            for (m, size), member_cos, member_best in zip(keys, members, bests):
+                icon_size = r.icon_size_of(m.name)
+                if not icon_size:
+                    auto = auto or auto_icon_size(network, layer, fixed)
+                    icon_size = auto
+                input_size = optimisation_size(module, icon_size)
+                if input_size is not None and (m, size) == keys[0]:
+                    log(f"render: the model takes {input_size} px inputs only: {layer}'s icons are optimised at "
+                        f"{input_size} px and cut to the {icon_size} px square around the centre position")
+                _check_layer(network, layer, grids[(m.name, size)], input_size or icon_size)
+                summaries.append(_render_grid(store, network, m, grids[(m.name, size)], member_cos, member_best,
+                                              icon_size, input_size, log, shard, merge))
     for m, size in jobs:
         if (m, size) not in todo:
             summaries.append(GridIcons(m.name, size, 0, True, 0, 0.0, 0.0, float("nan"), float("nan"),
@@ -353,6 +444,54 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         log(f"render: {sum(s.icons for s in rendered)} icons for {len(rendered)} grid(s) in {seconds:.1f} s on "
             f"{device} ({len(summaries) - len(rendered)} up to date)")
     return RenderSummary(False, summaries, str(device), seconds)
+
+
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}  # render.precision -> the Network's autocast dtype
+AUTO_MIN_PX = 64  # render.icon_size = 0: automatic icons are at least this wide (the old fixed default)
+# ... and at least this many strides: on the demo's fireboat cells at blocks.15 (stride 32), 3 strides
+# (96 px) reached a median cosine of 0.798, 4 (128 px) 0.854, 5 (160 px) 0.865, against the members' 0.817
+AUTO_MIN_STRIDES = 5
+PROBE_PX = 224  # the input side the layer's stride is measured at
+
+
+def icon_size_for_stride(stride: int, minimum: int = AUTO_MIN_PX, min_strides: int = AUTO_MIN_STRIDES) -> int:
+    """The icon side for a layer of this stride: the smallest odd number n >= min_strides of
+    strides with n * stride >= minimum. Such an input gives an n x n map (where the padding adds no
+    position of its own) whose centre position (n // 2, n // 2) sees the centre of the icon, with
+    rings of positions around it; an even map has no centre position, and 2x2 no ring."""
+    if stride < 1 or minimum < 1 or min_strides < 1:
+        raise ValueError(f"stride, minimum and min_strides must be >= 1, got {stride}, {minimum}, {min_strides}")
+    n = max(min_strides, -(-minimum // stride))
+    return (n + 1 - n % 2) * stride
+
+
+def map_hw(network: optvis.Network, layer: str, size: int) -> tuple[int, int]:
+    """(H, W) of the layer's map for a size x size input."""
+    with torch.no_grad():
+        return tuple(optvis.evaluate(network, torch.full((1, 3, size, size), 0.5))[layer].shape[-2:])
+
+
+def auto_icon_size(network: optvis.Network, layer: str, fixed_input: int | None = None,
+                   minimum: int = AUTO_MIN_PX, min_strides: int = AUTO_MIN_STRIDES) -> int:
+    """render.icon_size = 0: `icon_size_for_stride` of the layer's stride, measured as the input
+    side over the map side at PROBE_PX (or at the model's one input size), and checked: the icon
+    must give an odd, square map of at least 3x3.
+
+    Raises:
+        AtlasError: the measured size does not give such a map (set render.icon_size_for).
+    """
+    probe = fixed_input or PROBE_PX
+    h, w = map_hw(network, layer, probe)
+    stride = max(1, round(probe / max(h, w)))
+    size = icon_size_for_stride(stride, minimum, min_strides)
+    if fixed_input is not None:  # a ViT: icons are cut from its one input size
+        return min(size, fixed_input)
+    got = map_hw(network, layer, size)
+    if got[0] != got[1] or got[0] % 2 == 0 or got[0] < 3:
+        raise AtlasError(f"render.icon_size = 0 picked {size} px for layer {layer!r} (stride {stride}), but that "
+                         f"gives a {got[0]}x{got[1]} map, not an odd square of at least 3x3; set "
+                         f"render.icon_size_for.{layer} to a side that does")
+    return size
 
 
 def optimisation_size(module: nn.Module, icon_size: int) -> int | None:
@@ -389,7 +528,7 @@ SHARE_JOBS = 32  # render jobs per block shared out between processes: block k b
 
 
 def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid, member_cos: np.ndarray,
-                 input_size: int | None, log: Callable[[str], None], shard: Shard = ALONE,
+                 member_best: np.ndarray, icon_size: int, input_size: int | None, log: Callable[[str], None], shard: Shard = ALONE,
                  merge: bool = False) -> GridIcons:
     """Renders (or resumes) this process's share of the icons of one map's grid, and writes its
     folder when this process writes results (see atlas.distributed)."""
@@ -404,7 +543,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     jobs_cell = np.repeat(np.arange(m), attempts)  # job j = (cell j // attempts, attempt j % attempts)
     jobs_attempt = np.tile(np.arange(attempts), m)
     n_jobs = len(jobs_cell)
-    done = _read_jobs(partial, n_jobs, r.icon_size)[3]
+    done = _read_jobs(partial, n_jobs, icon_size)[1]
     resumed = int(done.sum())
     todo = [] if merge else np.flatnonzero(~done & shard_mask(n_jobs, shard))
     if resumed and len(todo):
@@ -414,7 +553,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     vectors = grid.direction_whitened if r.whiten else grid.direction
     seeds = np.array([icon_seed(r.seed, grid.size, int(grid.cell[c, 0]), int(grid.cell[c, 1]), int(a))
                       for c, a in zip(jobs_cell, jobs_attempt)], dtype=object)
-    settings = {**icon_options(r), "input_size": input_size}
+    settings = {**icon_options(r), "icon_size": icon_size, "input_size": input_size}
     batch_size = (r.batch_size or _auto_batch_size(network, layer, vectors, settings)) if len(todo) else 1
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     progress = _progress(len(todo) / attempts, f"render {name} {grid.size}x{grid.size}",
@@ -430,7 +569,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
             for run_jobs in _consecutive_runs(batch):
                 at = np.searchsorted(batch, run_jobs)
                 _write_part(partial, int(run_jobs[0]), int(run_jobs[-1]) + 1,
-                            IconBatch(result.images[at], result.objective[at], result.cosine[at]))
+                            IconBatch(result.images[at], result.objective[at], result.cosine[at], result.steps[at]))
     finally:
         progress.close()
     loop_seconds = time.perf_counter() - t_loop
@@ -443,7 +582,8 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
             f"{loop_seconds:.1f} s ({rate:.2f} icons/s)")
         return GridIcons(name, grid.size, 0, False, resumed, time.perf_counter() - t0, rate, float("nan"),
                          float("nan"), store.icons_dir(name, grid.size), written=False)
-    images, objective, cosine, done = _read_jobs(partial, n_jobs, r.icon_size)
+    finished, done = _read_jobs(partial, n_jobs, icon_size)
+    objective, cosine = finished.objective, finished.cosine
     if not done.all():
         missing = np.flatnonzero(~done)
         raise AtlasError(f"render: {name} {grid.size}x{grid.size} lacks {len(missing)} of {n_jobs} icons (job "
@@ -456,9 +596,10 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     for c, j in enumerate(chosen):
         x, y = int(grid.cell[c, 0]), int(grid.cell[c, 1])
         entries.append({"cell": [x, y], "file": icon_file(x, y), "objective": float(objective[j]),
-                        "cosine": float(cosine[j]), "member_cosine": float(member_cos[c]), "steps": r.steps,
+                        "cosine": float(cosine[j]), "member_cosine": float(member_cos[c]),
+                        "best_member_objective": float(member_best[c]), "steps": int(finished.steps[j]),
                         "seed": r.seed, "attempt": int(best[c])})
-    meta = {"layer": layer, "map": name, "size": grid.size, "icon_size": r.icon_size,
+    meta = {"layer": layer, "map": name, "size": grid.size, "icon_size": icon_size,
             **({"input_size": input_size} if input_size else {}), "fingerprint": fp,
             "grid_fingerprint": grid.digest(),
             "objective": f"dot(h, v) * max({COS_FLOOR}, cos(h, v))^{r.cos_power:g} at the centre of {layer}, "
@@ -466,18 +607,28 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
             "steps": r.steps, "attempts": attempts, "seed": r.seed, "member_similarity": MEMBER_SIMILARITY,
             "icons": entries,
             "median_cosine": float(np.median(cosine[chosen])),
-            "median_member_cosine": float(np.median(member_cos))}
-    icons = store.write_icons(name, grid.size, images[chosen], entries, meta)
+            "median_member_cosine": float(np.median(member_cos)),
+            "beats_best_member": float(np.mean(objective[chosen] > member_best))}
+    icons = store.write_icons(name, grid.size, finished.images[chosen], entries, meta)
     shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - t0
     summary = GridIcons(name, grid.size, m, False, resumed, seconds, rate, meta["median_cosine"],
-                        meta["median_member_cosine"], icons.folder)
+                        meta["median_member_cosine"], icons.folder, beats_best_member=meta["beats_best_member"])
     log(f"render: {name} {grid.size}x{grid.size}: {m} icons in {seconds:.1f} s ({summary.icons_per_s:.2f} icons/s"
         f"{f' on {shard.describe()}' if shard.group else ''}; "
-        f"{r.icon_size} px{f' cut from {input_size} px' if input_size else ''}, {r.steps} steps, {attempts} "
+        f"{icon_size} px{f' cut from {input_size} px' if input_size else ''}, {_steps_note(r, finished.steps[chosen])}, "
+        f"{attempts} "
         f"attempt(s)); median cosine to the cell direction: icons "
-        f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; wrote {icons.folder}")
+        f"{summary.median_cosine:.3f}, members {summary.median_member_cosine:.3f}; icons beat their cell's best "
+        f"member on the objective in {summary.beats_best_member:.0%} of cells; wrote {icons.folder}")
     return summary
+
+
+def _steps_note(r: RenderConfig, steps: np.ndarray) -> str:
+    """How many steps the icons took: "256 steps", or with early stopping "112 steps on average (of 256)"."""
+    if r.stop_window == 0:
+        return f"{r.steps} steps"
+    return f"{float(np.mean(steps)):.0f} steps on average (of {r.steps})"
 
 
 def shard_mask(n_jobs: int, shard: Shard) -> np.ndarray:
@@ -525,21 +676,20 @@ def _consecutive_runs(jobs: np.ndarray) -> list[np.ndarray]:
 def _write_part(partial: Path, start: int, stop: int, part: IconBatch) -> None:
     with atomic_path(partial / f"part-{start:07d}-{stop:07d}.npz") as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, images=part.images, objective=part.objective, cosine=part.cosine)
+            np.savez(f, images=part.images, objective=part.objective, cosine=part.cosine, steps=part.steps)
 
 
-def _read_jobs(partial: Path, n_jobs: int, icon_size: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The finished jobs in a work folder: images (n_jobs, S, S, 3) uint8, objective (n_jobs,)
-    float32 (-inf where not done), cosine (n_jobs,) float32 (NaN where not done), done (n_jobs,) bool."""
-    images = np.zeros((n_jobs, icon_size, icon_size, 3), np.uint8)
-    objective = np.full(n_jobs, -np.inf, np.float32)
-    cosine = np.full(n_jobs, np.nan, np.float32)
+def _read_jobs(partial: Path, n_jobs: int, icon_size: int) -> tuple[IconBatch, np.ndarray]:
+    """The finished jobs in a work folder: an IconBatch of n_jobs (objective -inf, cosine NaN and
+    steps 0 where not done) and done (n_jobs,) bool."""
+    jobs = IconBatch(np.zeros((n_jobs, icon_size, icon_size, 3), np.uint8), np.full(n_jobs, -np.inf, np.float32),
+                     np.full(n_jobs, np.nan, np.float32), np.zeros(n_jobs, np.int64))
     done = np.zeros(n_jobs, bool)
     for start, stop, part in _read_parts(partial, n_jobs, icon_size):
-        images[start:stop], objective[start:stop], cosine[start:stop] = part.images, part.objective, part.cosine
+        for field in dataclasses.fields(IconBatch):
+            getattr(jobs, field.name)[start:stop] = getattr(part, field.name)
         done[start:stop] = True
-    return images, objective, cosine, done
+    return jobs, done
 
 
 def _read_parts(partial: Path, n_jobs: int, icon_size: int):
@@ -548,7 +698,7 @@ def _read_parts(partial: Path, n_jobs: int, icon_size: int):
         try:
             start, stop = (int(v) for v in path.stem.split("-")[1:3])
             with np.load(path) as data:
-                part = IconBatch(data["images"], data["objective"], data["cosine"])
+                part = IconBatch(data["images"], data["objective"], data["cosine"], data["steps"])
         except (OSError, ValueError, KeyError):
             continue
         if 0 <= start < stop <= n_jobs and part.images.shape == (stop - start, icon_size, icon_size, 3):

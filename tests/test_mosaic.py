@@ -355,3 +355,15 @@ def test_labels_without_attribution_are_left_out_with_a_note(tmp_path):
     assert summary.written == [tmp_path / "blocks.1" / "atlas-preview-2.png"]
     assert any("no class labels" in line for line in lines)
     assert run(config, log=lambda s: None).written == []
+
+
+def test_automatic_icon_sizes_are_drawn_at_one_tile_size(tmp_path):
+    # render.icon_size = 0 gives each layer its own icon side; the atlas keeps one geometry (64 px cells)
+    config = make_run(tmp_path, {"preview": False, "icon_px": 0})
+    config = dataclasses.replace(config, render=dataclasses.replace(config.render, icon_size=0))
+    grid = Run(tmp_path, config).grid("blocks.1", 2)
+    write_icons(config, "blocks.1", grid, {(0, 0): icon_colour(0), (1, 1): icon_colour(2)}, px=40)
+    run(config, log=lambda s: None)
+    image, _ = read_png(tmp_path / "blocks.1" / "atlas-2.png")
+    assert image.shape == (2 * 64, 2 * 64, 3)
+    assert (image[64:, :64] == icon_colour(0)).all() and (image[:64, 64:] == icon_colour(2)).all()

@@ -241,3 +241,104 @@ def test_optimize_checks_layers_and_devices():
         ov.optimize(network, ov.channel("deep", 0), ov.pixel_image(8, g), generators=g, steps=1)
     with pytest.raises(ValueError):
         ov.Network(nn.Identity(), [])
+
+
+# --------------------------------------------------------------------------------- schedules, early stopping
+
+
+def test_warmup_cosine_schedule_values():
+    f = ov.warmup_cosine(11, warmup=2)
+    assert [f(0), f(1)] == [0.5, 1.0]  # linear warm-up to the full rate
+    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.0)  # cosine from 1 down to 0 at the last step
+    assert f(6) == pytest.approx(0.5)  # half way down the cosine (steps 2..10)
+    assert ov.warmup_cosine(5, floor=0.1)(4) == pytest.approx(0.1) and ov.constant()(7) == 1.0
+    with pytest.raises(ValueError):
+        ov.warmup_cosine(4, warmup=4)
+
+
+def test_early_stop_rise_and_stall_on_toy_histories():
+    stop = ov.EarlyStop(window=2, min_rise=0.25)
+    # columns: flat; rising by a third of the latest value per window; exactly at the threshold; falling
+    history = torch.tensor([[1.0, 1.0, 0.75, 4.0],
+                            [1.0, 1.0, 0.75, 4.0],
+                            [1.0, 1.5, 1.0, 3.0],
+                            [1.0, 1.5, 1.0, 3.0]])
+    np.testing.assert_allclose(stop.rise(history).numpy(), [0.0, 1 / 3, 0.25, -1 / 3], rtol=1e-12)
+    assert stop.stalled(history).tolist() == [True, False, False, True]
+    assert not stop.stalled(history[:3]).any()  # fewer than two windows: nothing stops
+    assert not ov.EarlyStop(2, 0.25, min_steps=5).stalled(history).any()
+    with pytest.raises(ValueError):
+        ov.EarlyStop(0, 0.1)
+
+
+class _Recorder:
+    """An objective that records each step's per-image values (steps x B)."""
+
+    def __init__(self, objective):
+        self.objective, self.values = objective, []
+        self.layers, self.name = objective.layers, objective.name
+
+    def __call__(self, acts):
+        v = self.objective(acts)
+        if torch.is_grad_enabled():
+            self.values.append(v.detach().clone())
+        return v
+
+
+def test_early_stop_never_stops_an_image_still_rising_faster_than_the_threshold():
+    model = make()
+    directions = torch.tensor(np.random.default_rng(0).normal(size=(6, 4)), dtype=torch.float32)
+    recorder = _Recorder(ov.atlas_direction("deep", directions))
+    network = ov.Network.for_objective(model, recorder)
+    g = gens(*range(6))
+    stop = ov.EarlyStop(window=4, min_rise=0.02)
+    vis = ov.optimize(network, recorder, ov.fourier_image(12, g), generators=g,
+                      transform=ov.standard_transforms(12, pad_px=2, jitter_px=2), steps=48, lr=0.05,
+                      early_stop=stop)
+    history = torch.stack(recorder.values)  # (steps run, 6); a stopped image's later rows are not its own
+    assert (vis.steps < 48).any() and (vis.steps <= 48).all()  # some stop, on this toy problem
+    check_every = max(1, stop.window // 4)
+    for i, ran in enumerate(vis.steps.tolist()):
+        # at every check before its stop the image was still rising by at least min_rise per window
+        for t in range(2 * stop.window, ran, check_every):
+            if t < ran:
+                assert float(stop.rise(history[:t, i:i + 1])) >= stop.min_rise
+        if ran < 48:  # and it stopped only once it was not
+            assert float(stop.rise(history[:ran, i:i + 1])) < stop.min_rise
+
+
+def test_a_stopped_image_is_the_image_of_its_last_step():
+    # Adam is elementwise and each image has its own generator: an image stopped after k steps is
+    # the image a run of exactly k steps gives (constant learning rate, so k steps is the same path).
+    model = make()
+    directions = torch.tensor(np.random.default_rng(1).normal(size=(4, 4)), dtype=torch.float32)
+    objective = ov.atlas_direction("deep", directions)
+    network = ov.Network.for_objective(model, objective)
+    transform = ov.standard_transforms(12, pad_px=2, jitter_px=2)
+    g = gens(*range(4))
+    stopped = ov.optimize(network, objective, ov.fourier_image(12, g), generators=g, transform=transform,
+                          steps=48, lr=0.05, early_stop=ov.EarlyStop(window=4, min_rise=0.02))
+    i = int(torch.argmin(stopped.steps))
+    k = int(stopped.steps[i])
+    assert k < 48
+    g = gens(*range(4))
+    full = ov.optimize(network, objective, ov.fourier_image(12, g), generators=g, transform=transform, steps=k,
+                       lr=0.05)
+    torch.testing.assert_close(stopped.images[i], full.images[i], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_autocast_stays_close_to_float32():
+    # bf16 keeps 8 bits of mantissa: through a few steps the icon moves by a few 8-bit levels at most
+    model = make()
+    directions = torch.tensor(np.random.default_rng(2).normal(size=(3, 4)), dtype=torch.float32)
+    objective = ov.atlas_direction("deep", directions)
+    images = {}
+    for autocast in (None, torch.bfloat16):
+        network = ov.Network.for_objective(model, objective, autocast=autocast)
+        g = gens(0, 1, 2)
+        vis = ov.optimize(network, objective, ov.fourier_image(16, g), generators=g,
+                          transform=ov.standard_transforms(16, pad_px=2, jitter_px=2), steps=10, lr=0.05)
+        images[autocast] = vis.images
+        acts = ov.evaluate(network, vis.images)["deep"]
+        assert acts.dtype == torch.float32  # objectives see float32 whatever the autocast
+    assert float((images[None] - images[torch.bfloat16]).abs().max()) < 4 / 255

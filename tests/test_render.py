@@ -70,6 +70,10 @@ def test_render_writes_an_icon_per_cell_and_then_skips(tmp_path):
             assert entry["file"] == f"cell-{x}-{y}.png" and entry["attempt"] in (0, 1) and entry["seed"] == 0
             assert images[(x, y)].shape == (16, 16, 3) and images[(x, y)].dtype == np.uint8
         assert meta["median_cosine"] == pytest.approx(np.median([e["cosine"] for e in meta["icons"]]))
+        assert meta["beats_best_member"] == pytest.approx(np.mean([e["objective"] > e["best_member_objective"]
+                                                                   for e in meta["icons"]]))
+        assert meta["beats_best_member"] == pytest.approx(np.mean([e["objective"] > e["best_member_objective"]
+                                                                   for e in meta["icons"]]))
         # objective and cosine are measured on the saved pixels
         pixels = torch.stack([torch.tensor(images[tuple(e["cell"])]).permute(2, 0, 1) for e in meta["icons"]])
         acts = optvis.evaluate(network, pixels.float() / 255)
@@ -221,3 +225,63 @@ def test_lite0_icon_does_not_depend_on_its_batch():
         j = rows.index(1)
         assert np.abs(together.images[1].astype(int) - other.images[j].astype(int)).max() <= 1
         assert together.objective[1] == pytest.approx(other.objective[j], rel=1e-4)
+
+
+# --------------------------------------------------------------------------------- icon size per layer
+
+
+@pytest.mark.parametrize("stride, minimum, strides, side", [
+    (8, 64, 5, 72), (16, 64, 5, 80), (32, 64, 5, 160), (32, 64, 3, 96), (2, 64, 5, 66), (64, 64, 5, 320),
+    (16, 48, 3, 48), (24, 64, 3, 72), (7, 10, 3, 21), (4, 8, 4, 20)])
+def test_icon_size_for_stride_is_an_odd_number_of_enough_strides(stride, minimum, strides, side):
+    assert render.icon_size_for_stride(stride, minimum, strides) == side
+    n = side // stride
+    assert side % stride == 0 and n % 2 == 1 and n >= strides and side >= minimum
+
+
+def test_auto_icon_size_is_measured_on_the_layer():
+    network = tiny_network()  # "deep": a 3x3 stride-2 conv, padding 1
+    side = render.auto_icon_size(network, LAYER, minimum=8, min_strides=3)
+    assert side == 10 and render.map_hw(network, LAYER, side) == (5, 5)  # 5 strides: a centre and two rings
+    assert render.auto_icon_size(network, LAYER, minimum=8, min_strides=7) == 14
+    assert render.auto_icon_size(network, LAYER) == 66  # 33 strides of 2: at least 64 px
+    features = optvis.Network(load_model("tiny:make", "none", PREPROCESS).module, ["features"])
+    with pytest.raises(ValueError):
+        render.icon_size_for_stride(0)
+    assert render.auto_icon_size(features, "features", minimum=16, min_strides=3) == 17  # stride 1: 17 is odd
+
+
+def test_icon_size_for_a_map_overrides_and_icons_json_records_it(tmp_path):
+    config = toy_run(tmp_path / "run", attempts=1, steps=2, icon_size=0, sizes=(2,), icon_size_for={LAYER: 20})
+    summary = render.run(config, log=quiet)
+    meta, images = read_icons(config, 2)
+    assert meta["icon_size"] == 20 and all(im.shape == (20, 20, 3) for im in images.values())
+    assert summary.grids[0].icons == len(images)
+    assert config.render.icon_size_of(LAYER) == 20 and config.render.icon_size_of(f"{LAYER}/class-x") == 20
+    assert RenderConfig(icon_size=48).icon_size_of("any") == 48
+
+
+def test_render_with_a_schedule_and_early_stopping_records_each_icons_steps(tmp_path):
+    config = toy_run(tmp_path / "run", attempts=1, steps=24, sizes=(2,), schedule="cosine", warmup=2,
+                     stop_window=2, stop_rise=0.5)
+    lines = []
+    render.run(config, log=lines.append)
+    meta, _ = read_icons(config, 2)
+    steps = [e["steps"] for e in meta["icons"]]
+    assert all(4 <= s <= 24 for s in steps) and min(steps) < 24  # a 50% rise per window: they stop early
+    assert meta["steps"] == 24 and any("steps on average (of 24)" in line for line in lines)
+
+
+def test_best_member_objective_is_the_largest_atlas_objective_of_a_cell_member():
+    acts = np.array([[1, 0], [1, 1], [0, 1], [2, 0], [0, 3]], np.float32)
+    grid = Grid(2, np.array([[0, 0], [1, 0]], np.int32), np.array([3, 2], np.int32),
+                np.array([[1, 0], [0, 1]], np.float32), np.array([0, 3, 5]), np.array([0, 1, 3, 2, 4]))
+    vectors = np.array([[2, 0], [0, 1]], np.float32)
+    (best,) = render.best_member_objectives(acts, [grid], [vectors], cos_power=2)
+    # cell 0 (w = (2, 0)): members (1, 0) -> 2, (1, 1) -> 2 * 0.5, (2, 0) -> 4; cell 1 (w = (0, 1)): (0, 1) -> 1, (0, 3) -> 3
+    np.testing.assert_allclose(best, [4, 3], rtol=1e-6)
+    (floored,) = render.best_member_objectives(np.array([[1, -1], [0, 1]], np.float32),
+                                               [Grid(1, np.array([[0, 0]], np.int32), np.array([1], np.int32),
+                                                     np.array([[1, 0]], np.float32), np.array([0, 1]),
+                                                     np.array([0]))], [np.array([[1, 0]], np.float32)], 3)
+    np.testing.assert_allclose(floored, [1 * (2 ** -0.5) ** 3], rtol=1e-6)

@@ -5,7 +5,9 @@
   `t(images, generators)` drawing each image's randomness from its own generator;
 - objectives (`channel`, `neuron`, `direction`, `direction_neuron`, `atlas_direction`,
   `class_logit`) give one value per image and add and scale;
-- `optimize` runs Adam over a batch through a `Network` cut at the layers the objective reads.
+- `optimize` runs Adam over a batch through a `Network` cut at the layers the objective reads,
+  with an optional learning-rate schedule (`warmup_cosine`) and per-image early stopping
+  (`EarlyStop`).
 
     objective = channel("blocks.10", 7)
     network = Network.for_objective(model, objective, normalise=preprocess.normalise)
@@ -20,15 +22,18 @@ from .objectives import (LOGITS, Objective, at_position, atlas_direction, channe
 from .optimize import Network, Visualization, evaluate, frozen, optimize
 from .param import (COLOR_CORRELATION, ImageFn, decorrelate_colors, fft_frequencies, fourier_image, make_generators,
                     pixel_image)
+from .schedule import EarlyStop, Schedule, constant, warmup_cosine
 from .transform import (Transform, compose, crop, jitter, pad, random_affine, random_rotate, random_scale,
                         standard_transforms, uniform_rows)
 
 __all__ = [
     "COLOR_CORRELATION",
+    "EarlyStop",
     "LOGITS",
     "ImageFn",
     "Network",
     "Objective",
+    "Schedule",
     "Transform",
     "Visualization",
     "at_position",
@@ -36,6 +41,7 @@ __all__ = [
     "channel",
     "class_logit",
     "compose",
+    "constant",
     "cosine_at",
     "crop",
     "decorrelate_colors",
@@ -56,4 +62,5 @@ __all__ = [
     "random_scale",
     "standard_transforms",
     "uniform_rows",
+    "warmup_cosine",
 ]

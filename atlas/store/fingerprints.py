@@ -107,9 +107,13 @@ def icons_fingerprint(config: Config, grid: Grid, layer: str) -> str:
     return fingerprint("render", settings, grid.digest(), layer, config.model, config.weights, config.preprocess)
 
 
+AUTO_TILE_PX = 64  # pixels per cell of the atlas images when icon sizes are automatic (they differ by layer)
+
+
 def tile_px(config: Config) -> int:
-    """Pixels per cell in the atlas images (`mosaic.icon_px`, else the icon size)."""
-    return config.mosaic.icon_px or config.render.icon_size
+    """Pixels per cell in the atlas images: `mosaic.icon_px`, else a fixed `render.icon_size`, else
+    AUTO_TILE_PX, so every map's atlas and preview share one geometry whatever its icons' size."""
+    return config.mosaic.icon_px or config.render.icon_size or AUTO_TILE_PX
 
 
 def _drawing(config: Config) -> dict[str, Any]:
