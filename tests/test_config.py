@@ -153,6 +153,7 @@ BAD_FIELDS = [
     ("layout.backend", '"torch"', r"layout.backend must be \"umap-learn\" or \"torchdr\"; got 'torch'; did you mean 'torchdr'\?"),
     ("layout.device", '"gpu"', r"layout.device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got 'gpu'"),
     ("layout.device", '"cuda:0"', r"layout.device = 'cuda:0' needs layout.backend = \"torchdr\"; umap-learn runs on the CPU"),
+    ("layout.align", '"yes"', r"layout.align = 'yes' has the wrong type; expected true or false"),
     ("grid.sizes", "[]", r"grid.sizes must be a non-empty list of distinct positive integers"),
     ("grid.sizes", "[10, 10]", r"grid.sizes must be a non-empty list of distinct positive integers"),
     ("grid.sizes", "[0]", r"grid.sizes must be a non-empty list of distinct positive integers"),
