@@ -455,7 +455,7 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
     universal = universal if universal_images else ok[:0]
     # The images most like A are looked for among every image, so all of them are classified once.
     read = ok if a is not None and n_similar else np.union1d(candidates, universal)
-    if not len(universal) and (a is None or not len(candidates)):
+    if not len(universal) and (a is None or not (len(candidates) or n_similar)):
         _nothing_to_attack(store, a, attacked_label)
     log(f"{spec.title}, {grid.size}x{grid.size} grid: patches towards {class_name(b, names)!r} from its "
         f"{len(chosen)} most attributed cells; reading {len(read)} images")
@@ -474,7 +474,7 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
         every = np.arange(len(read))
         others = every[(clean.top1 != a) & (clean.top1 != b)]
         similar = others[np.lexsort((others, -probs[others, a].astype(np.float64)))][:n_similar]
-    if not len(victims) and not len(uni_rows):
+    if not len(victims) and not len(uni_rows) and not len(similar):
         _nothing_to_attack(store, a, attacked_label)
     if a is not None and not len(victims):
         log(f"  note: no image is classified as {attacked_label!r}; its A -> B figures are n/a (the images most "
@@ -511,7 +511,10 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
         results[kind]["universal"] = _jsonable(flip_counts(before_u, on_corpus, before_u.top1 != b, b, 0))
         results[kind]["patches"] = patches.facts
     seconds = time.perf_counter() - started
-    png = store.attack_path(spec.name, grid.size, slug(class_name(a, names)) if pair is None and a is not None else None)
+    # a pair view attacked the other way round (B's images towards A) gets its own files
+    reversed_pair = pair is not None and spec.classes and a != spec.classes[0]
+    png = store.attack_path(spec.name, grid.size,
+                            slug(class_name(a, names)) if a is not None and (pair is None or reversed_pair) else None)
     info = {"map": spec.name, "layer": spec.layer, "grid": grid.size, "grid_fingerprint": store.grid_fingerprint(),
             "source": {"class": a, "name": attacked_label}, "target": {"class": b, "name": class_name(b, names)},
             "static": dataclasses.asdict(where[static]), "placements": [dataclasses.asdict(p) for p in where],
@@ -530,7 +533,7 @@ def patch_attack(run: str | Path, *, pair: Sequence[str] | None = None, target: 
 
 
 def _nothing_to_attack(store: Run, a: int | None, attacked_label: str) -> None:
-    why = (f"no image of run {store.root} is classified as {attacked_label!r}" if a is not None
+    why = (f"no image of run {store.root} is classified as {attacked_label!r}, --similar is 0" if a is not None
            else "--target alone measures the universal patch")
     raise AtlasError(f"{why} and --universal is 0, so there is nothing to attack")
 

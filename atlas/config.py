@@ -41,7 +41,8 @@ def _check(ok: bool, message: str) -> None:
         raise AtlasError(message)
 
 
-def _check_device(device: str, key: str) -> None:
+def check_device(device: str, key: str) -> None:
+    """AtlasError unless `device` is "auto", "cpu", "cuda" or "cuda:N" (key names the setting in the message)."""
     _check(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None,
            f"{key} must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {device!r}")
 
@@ -156,7 +157,7 @@ class CollectConfig:
                f"collect.samples_per_image must be a positive integer or \"all\", got {spi!r}")
         _check(self.dtype in ("float16", "float32"),
                f"collect.dtype must be \"float16\" or \"float32\", got {self.dtype!r}")
-        _check_device(self.device, "collect.device")
+        check_device(self.device, "collect.device")
         if isinstance(self.layout, Mapping):  # entries at "auto" say nothing: one config, one fingerprint
             table = {k: v for k, v in self.layout.items() if v != "auto"}
             object.__setattr__(self, "layout", table or "auto")
@@ -199,7 +200,7 @@ class LayoutConfig:
         close = difflib.get_close_matches(self.backend, LAYOUT_BACKENDS, n=1)
         _check(self.backend in LAYOUT_BACKENDS, "layout.backend must be \"umap-learn\" or \"torchdr\"; got "
                f"{self.backend!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        _check_device(self.device, "layout.device")
+        check_device(self.device, "layout.device")
         _check(self.backend == "torchdr" or self.device in ("auto", "cpu"),
                f"layout.device = {self.device!r} needs layout.backend = \"torchdr\"; umap-learn runs on the CPU")
         _check(self.backend != "torchdr" or self.metric in TORCHDR_METRICS,
@@ -285,7 +286,7 @@ class RenderConfig:
         _check(self.pad >= self.jitter, f"render.pad ({self.pad}) must be >= render.jitter ({self.jitter}): "
                "the two random shifts crop 2 x jitter pixels that the padding has to give back")
         _check(0 <= self.scale < 1, f"render.scale must be in [0, 1), got {self.scale!r}")
-        _check_device(self.device, "render.device")
+        check_device(self.device, "render.device")
 
     def icon_size_of(self, name: str) -> int:
         """The icon side set for a map (`icon_size_for` by map name, then by its layer, else

@@ -38,6 +38,7 @@ from PIL import Image
 
 from .blocks import take_rows
 from .collect import Samples, load_sampler, sample_batch
+from .config import check_device
 from .corpus import BadImage, load_image
 from .draw import draw_markers
 from .errors import AtlasError
@@ -202,7 +203,9 @@ def place_images(run: str | Path, images: Sequence[str | Path], *, device: str |
     if lacking:
         raise AtlasError(f"{store.layout_path} keeps no fit samples to place new ones by (made before `atlas place` "
                          f"existed); run `atlas layout {store.root} --force` (same layout, same seed)")
-    where = pick_device(device or config.collect.device, "collect.device")
+    if device is not None:
+        check_device(device, "--device")
+    where = pick_device(device or config.collect.device, "--device" if device else "collect.device")
 
     with store.activations("grid") as acts:
         corpus = _corpus_indices(store, acts.images.path, acts.images.status, paths)

@@ -383,10 +383,12 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
     store = Run(config.run_dir, config)
     grid_file = store.grid_file("render")
     specs = grid_file.specs
-    unknown = sorted(set(r.sizes_for) - {m.name for m in specs})
-    if unknown:
-        raise AtlasError(f"render.sizes_for names {unknown[0]!r}, which is not a map of this run; its maps are "
-                         f"{', '.join(m.name for m in specs)}")
+    names = {m.name for m in specs}
+    for key, known in (("sizes_for", names), ("icon_size_for", names | {m.layer for m in specs})):
+        unknown = sorted(set(getattr(r, key)) - known)
+        if unknown:  # a mistyped name would otherwise apply to nothing
+            raise AtlasError(f"render.{key} names {unknown[0]!r}, which is not a map of this run; its maps are "
+                             f"{', '.join(m.name for m in specs)}")
     jobs = [(m, size) for m in specs for size in r.sizes_of(m.name, config.grid.sizes)]
     grids = {(m.name, size): grid_file.grid(m.name, size) for m, size in jobs}
     # a merge writes every folder whose pieces are on disk, even over current icons (shards run with --force)
@@ -536,7 +538,7 @@ def _render_grid(store: Run, network: optvis.Network, spec: MapSpec, grid: Grid,
     r = config.render
     layer, name = spec.layer, spec.name
     t0 = time.perf_counter()
-    fp = icons_fingerprint(config, grid, layer)
+    fp = icons_fingerprint(config, grid, spec)
     partial = store.icons_work_dir(name, grid.size)
     shard.prepare_work_dir(partial, fp, merge=merge, what="icons")
     m, attempts = len(grid), r.attempts

@@ -242,11 +242,20 @@ def test_attack_target_alone_and_from(attack_run, capsys):
     assert info["results"]["icons"]["dynamic"]["flips"] == [2, 1]
 
 
+def test_a_pair_attacked_both_ways_keeps_both_results_and_similar_images_suffice(attack_run, capsys):
+    assert _attack(attack_run, "--pair", "goldfish", "tench", *ARGS) == 0
+    folder = attack_run / "features/pair-tench-goldfish/attack"
+    assert (folder / "attack-2-from-goldfish.json").is_file() and (folder / "attack-2-from-goldfish.png").is_file()
+    # no image of hammerhead and no universal sample: the images most like it are still attacked
+    assert _attack(attack_run, "--pair", "hammerhead", "goldfish", "--universal", "0", "--similar", "2") == 0
+    assert "0 image(s) classified hammerhead and 2 most like it" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (("--pair", "tench", "goldfsh"), "unknown class 'goldfsh'; did you mean 'goldfish'"),
     (("--pair", "tench", "tiger shark"), "no two-class view of 'tench' vs 'tiger shark'; add it to layout.pairs"),
-    (("--pair", "hammerhead", "goldfish", "--universal", "0"),
-     "no image .* is classified as 'hammerhead' and --universal is 0, so there is nothing to attack"),
+    (("--pair", "hammerhead", "goldfish", "--universal", "0", "--similar", "0"),
+     "no image .* is classified as 'hammerhead', --similar is 0 and --universal is 0, so there is nothing to attack"),
     (("--target", "goldfish", "--universal", "0"), "--target alone measures the universal patch"),
     (("--target", "tench"), "no class atlas of 'tench'"),
     (("--pair", "tench", "goldfish", "--from", "tench"), "--from goes with --target"),

@@ -149,6 +149,7 @@ def test_cli_place_and_its_one_line_errors(tiny_run, tmp_path):
         ((tmp_path / "no-run", image), "no-run not found"),
         ((stale, image), "layout.h5 is out of date"),
         ((run, image, tmp_path / "img001.png"), "two images are named 'img001'"),
+        ((run, image, "--device", "gpu"), "--device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got 'gpu'"),
     ]:
         proc = run_cli("place", *args, cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)

@@ -261,6 +261,19 @@ def test_icon_size_for_a_map_overrides_and_icons_json_records_it(tmp_path):
     assert RenderConfig(icon_size=48).icon_size_of("any") == 48
 
 
+def test_icons_depend_on_their_own_maps_size_only_and_a_mistyped_map_is_refused(tmp_path):
+    config = toy_run(tmp_path / "run", attempts=1, steps=2, icon_size=0, sizes=(2,), icon_size_for={LAYER: 20})
+    render.run(config, log=quiet)
+    # the same size set another way, or compile: the icons stay current
+    same = toy_run(tmp_path / "run", attempts=1, steps=2, icon_size=20, sizes=(2,), compile=True)
+    spec = Run(same.run_dir, same).grid_file("render").specs[0]
+    assert Run(same.run_dir, same).icons_state(spec, Run(same.run_dir, same).grid_file("render").grid(LAYER, 2))[0] \
+        == "current"
+    typo = f"{LAYER}/class-goldfsh"  # config knows the layer; only the run knows its maps
+    with pytest.raises(AtlasError, match=f"render.icon_size_for names '{typo}', which is not a map of this run"):
+        render.run(toy_run(tmp_path / "run", sizes=(2,), icon_size_for={typo: 20}), log=quiet)
+
+
 def test_render_with_a_schedule_and_early_stopping_records_each_icons_steps(tmp_path):
     config = toy_run(tmp_path / "run", attempts=1, steps=24, sizes=(2,), schedule="cosine", warmup=2,
                      stop_window=2, stop_rise=0.5)

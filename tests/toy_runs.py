@@ -106,7 +106,7 @@ def write_icons(config: Config, name: str, grid: Grid, colours: Mapping[tuple[in
     entries = [{"cell": list(c), "file": f"cell-{c[0]}-{c[1]}.png", "objective": 1.0, "cosine": 0.5,
                 "member_cosine": 0.4} for c in cells]
     meta = {"layer": layer or name, "map": name, "size": grid.size, "icon_size": px,
-            "fingerprint": icons_fingerprint(config, grid, layer or name), "grid_fingerprint": grid.digest(),
+            "fingerprint": icons_fingerprint(config, grid, MapSpec(name, layer or name)), "grid_fingerprint": grid.digest(),
             "icons": entries}
     return store.write_icons(name, grid.size, images, entries, meta).folder
 

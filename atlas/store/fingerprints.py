@@ -18,6 +18,7 @@ from ..artifacts import fingerprint, to_jsonable
 if TYPE_CHECKING:
     from ..config import Config
     from ..corpus import ImageRecord
+    from ..focus import MapSpec
     from .maps import Grid
 
 LABEL_MIN_PX = 32  # cells narrower than this get no label in the labelled atlas (no font is legible in less)
@@ -100,11 +101,16 @@ def grid_fingerprint(config: Config, layout: str, activations: str) -> str:
     return fingerprint("grid", config.grid, layout, activations)
 
 
-def icons_fingerprint(config: Config, grid: Grid, layer: str) -> str:
-    """One map's icons at one grid size: the [render] settings (less which sizes are rendered), the
+def icons_fingerprint(config: Config, grid: Grid, spec: MapSpec) -> str:
+    """One map's icons at one grid size: the [render] settings that shape this map's icons (less
+    which sizes are rendered, other maps' icon sizes and `compile`, which changes speed only), the
     grid's cells and directions (`Grid.digest`), the layer, the model and its preprocessing."""
-    settings = dataclasses.replace(config.render, sizes=(), sizes_for={})
-    return fingerprint("render", settings, grid.digest(), layer, config.model, config.weights, config.preprocess)
+    r = config.render
+    # the map's own icon size stands in for the whole table, so tuning one map redoes only its icons
+    settings = dataclasses.replace(r, sizes=(), sizes_for={}, icon_size_for={}, icon_size=r.icon_size_of(spec.name),
+                                   compile=False)
+    return fingerprint("render", settings, grid.digest(), spec.layer, config.model, config.weights,
+                       config.preprocess)
 
 
 AUTO_TILE_PX = 64  # pixels per cell of the atlas images when icon sizes are automatic (they differ by layer)

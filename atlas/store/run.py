@@ -226,7 +226,7 @@ class Run:
         icons = read_icon_set(self.icons_dir(spec.name, grid.size))
         if icons is None:
             return "missing", None
-        if icons.fingerprint != fp.icons_fingerprint(self.config, grid, spec.layer):
+        if icons.fingerprint != fp.icons_fingerprint(self.config, grid, spec):
             return "stale", icons
         return ("current" if icons.complete() else "incomplete"), icons
 
