@@ -44,6 +44,7 @@ from .draw import draw_markers
 from .errors import AtlasError
 from .focus import MapSpec
 from .grid import bin_layout
+from .inspect import class_name
 from .layout import map_positions
 from .placement import place_samples
 from .runtime import pick_device
@@ -359,6 +360,4 @@ def _prediction(samples: Samples, probability: np.ndarray, i: int, class_names: 
                 ) -> tuple[str | None, float | None]:
     if samples.pred is None or samples.pred[i] < 0:
         return None, None
-    c = int(samples.pred[i])
-    return (class_names[c] if class_names is not None and c < len(class_names) else f"class {c}"), \
-        float(probability[i])
+    return class_name(int(samples.pred[i]), class_names), float(probability[i])
