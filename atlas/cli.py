@@ -83,7 +83,7 @@ def _add_reading_parsers(sub) -> None:
     p.add_argument("--channel", type=int, required=True, metavar="K", help="channel index")
     p.set_defaults(handler=cmd_patches)
 
-    from .compare import NEIGHBORS
+    from .compare import FOLLOW, NEIGHBORS
 
     p = sub.add_parser("compare", help="atlases of several layers (or runs over the same images) side by side, "
                                        "with figures to compare")
@@ -96,6 +96,9 @@ def _add_reading_parsers(sub) -> None:
                    help=f"nearest images compared between panels (default {NEIGHBORS})")
     p.add_argument("--out", metavar="PATH", default=None,
                    help="the PNG to write (default RUN1/compare-N.png); the JSON goes beside it")
+    p.add_argument("--follow", type=int, metavar="K", default=FOLLOW,
+                   help=f"mark K images on every panel, numbered, where their samples lie on average, to follow "
+                        f"them from layer to layer (default {FOLLOW}; 0 = none)")
     p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("place", help="where new images' samples fall on each map of a run, and the cells' top classes")
@@ -285,7 +288,7 @@ def cmd_patches(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare_runs
 
-    compare_runs(args.runs, args.layers, args.grid, args.neighbors, args.out)
+    compare_runs(args.runs, args.layers, args.grid, args.neighbors, args.out, follow=args.follow)
 
 
 def cmd_place(args: argparse.Namespace) -> None:

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .compare_figure import PanelFigures, compose_figure, number, panel_caption
+from .align import image_centroids
+from .compare_figure import FOLLOW_COLOURS, CentroidLink, PanelFigures, compose_figure, number, panel_caption
 from .errors import AtlasError, unknown_name
 from .focus import class_scores
 from .neighbors import EXACT_MAX_IMAGES, KNN_SEED, Neighbors, effective_neighbors, find_neighbors, image_embeddings, \
@@ -48,6 +49,7 @@ from .neighbors import EXACT_MAX_IMAGES, KNN_SEED, Neighbors, effective_neighbor
 from .store import Run, write_image, write_json
 
 NEIGHBORS = 10  # default K
+FOLLOW = 4  # default number of images whose centroids are marked on every panel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,9 +193,14 @@ def _panel_figures(run: _Opened, layer: str, size: int, label: str) -> PanelFigu
             shares = top_class_shares(grid.indptr, grid.index, grid.top_class[:, 0], sample_top_classes(samples.attr))
             share = mean_or_nan(shares)
         shape = samples.shape
+    layers = list(store.config.layers)
+    previous = layers[layers.index(layer) - 1] if layers.index(layer) > 0 else None
+    aligned_to = str(info.get("align_to", "")) if info.get("aligned", False) else None
+    independent = float(info.get("centroid_distance_independent", float("nan")))
     return PanelFigures(str(store.root), layer, label, str(image), kind, int(channels),
                         [int(shape[1]), int(shape[2])] if shape and len(shape) == 3 else None, int(n), size, len(grid),
-                        int(grid.indptr[-1]), float(info.get("trustworthiness", float("nan"))), share)
+                        int(grid.indptr[-1]), float(info.get("trustworthiness", float("nan"))), share,
+                        previous_layer=previous, aligned_to=aligned_to, centroid_distance_independent=independent)
 
 
 def _common_images(runs: Sequence[_Opened], layers: Sequence[Sequence[str]]) -> tuple[int, list[np.ndarray]]:
@@ -223,6 +230,64 @@ def _common_images(runs: Sequence[_Opened], layers: Sequence[Sequence[str]]) -> 
     return len(common), rows
 
 
+def _panel_centroids(run: _Opened, layer: str, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), 2) centroids of the given images' samples on a layer's layout (NaN: none)."""
+    xy = run.store.layout([layer], upto="mosaic").maps[layer].xy
+    with run.store.activations("mosaic") as acts:
+        return image_centroids(xy, acts.layer(layer).image, len(acts.images.path))[rows]
+
+
+def farthest_points(xy: np.ndarray, k: int) -> np.ndarray:
+    """Indices of k rows of xy (finite ones only) spread over the map: the one farthest from the
+    mean first, then each time the one farthest from those picked (deterministic)."""
+    finite = np.flatnonzero(np.isfinite(xy).all(axis=1))
+    if not len(finite) or k < 1:
+        return np.zeros(0, np.int64)
+    points = xy[finite]
+    picked = [int(np.argmax(np.linalg.norm(points - points.mean(0), axis=1)))]
+    gap = np.linalg.norm(points - points[picked[0]], axis=1)
+    while len(picked) < min(k, len(points)):
+        picked.append(int(np.argmax(gap)))
+        gap = np.minimum(gap, np.linalg.norm(points - points[picked[-1]], axis=1))
+    return finite[picked]
+
+
+def centroid_links(panels: Sequence[PanelFigures], centroids: Sequence[np.ndarray], shuffles: int = 20,
+                   seed: int = 0) -> list[CentroidLink]:
+    """Per pair of consecutive panels, the median distance between the same images' centroids, its
+    chance level (the median over `shuffles` seeded shufflings of the second panel's images) and,
+    when the second panel is the next aligned layer of the same run, the distance before alignment.
+
+    Args:
+        panels: P panels.
+        centroids: per panel, (n, 2) centroids of the same n images in the same order (NaN: none).
+    """
+    rng = np.random.default_rng(seed)
+    links = []
+    for k, (a, b) in enumerate(zip(panels, panels[1:])):
+        both = np.isfinite(centroids[k]).all(1) & np.isfinite(centroids[k + 1]).all(1)
+        xy_a, xy_b = centroids[k][both], centroids[k + 1][both]
+        if not len(xy_a):
+            links.append(CentroidLink(math.nan, math.nan, math.nan))
+            continue
+        chance = [np.median(np.linalg.norm(xy_a - xy_b[rng.permutation(len(xy_b))], axis=1)) for _ in range(shuffles)]
+        next_layer = a.run == b.run and b.previous_layer == a.layer and bool(b.aligned_to)
+        links.append(CentroidLink(float(np.median(np.linalg.norm(xy_a - xy_b, axis=1))), float(np.median(chance)),
+                                  b.centroid_distance_independent if next_layer else math.nan))
+    return links
+
+
+def _follow(runs: Sequence[_Opened], rows: Sequence[np.ndarray], centroids: Sequence[np.ndarray], k: int
+            ) -> tuple[list[str], list[np.ndarray]]:
+    """The followed images (paths) and per panel their centroids, (k, 2): images spread over the
+    first panel's map among those with samples on every panel."""
+    everywhere = np.isfinite(np.stack(centroids)).all(axis=(0, 2))
+    chosen = farthest_points(np.where(everywhere[:, None], centroids[0], np.nan), k)
+    with runs[0].store.activations("mosaic") as acts:
+        paths = [str(path) for path in acts.images.path[rows[0][chosen]]]
+    return paths, [c[chosen] for c in centroids]
+
+
 def _neighbors(run: _Opened, layer: str, rows: np.ndarray, k: int) -> Neighbors:
     with run.store.activations("mosaic") as acts:
         samples = acts.layer(layer)
@@ -245,10 +310,13 @@ class Comparison:
     shared: np.ndarray  # (P, P) float64 shared-neighbour fractions
     png: Path
     json: Path
+    centroids: list[CentroidLink]  # per pair of consecutive panels
+    followed: list[str] = dataclasses.field(default_factory=list)  # paths of the images marked on every panel
+    follow_xy: list[np.ndarray] = dataclasses.field(default_factory=list)  # per panel, (K, 2) their centroids
 
 
 def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None, grid: int | None = None,
-                 neighbors: int = NEIGHBORS, out: str | Path | None = None,
+                 neighbors: int = NEIGHBORS, out: str | Path | None = None, follow: int = FOLLOW,
                  log: Callable[[str], None] = print) -> Comparison:
     """Measures and draws the comparison of the layers of one or more runs; writes the PNG and JSON.
 
@@ -258,6 +326,8 @@ def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None
         grid: grid size N; None = the largest N that every layer has with an atlas image.
         neighbors: K of the shared-neighbour fraction, >= 1.
         out: the PNG to write; None = RUN1/compare-N.png. The JSON goes beside it (suffix .json).
+        follow: mark this many images on every panel, numbered, at the centroid of their samples
+            (images spread over the first panel, with samples on every panel); 0 = none.
         log: receives the table of figures and the paths written.
 
     Raises:
@@ -266,6 +336,8 @@ def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None
     """
     if neighbors < 1:
         raise AtlasError(f"--neighbors must be >= 1, got {neighbors}")
+    if not 0 <= follow <= len(FOLLOW_COLOURS):
+        raise AtlasError(f"--follow must be between 0 and {len(FOLLOW_COLOURS)} images, got {follow}")
     if grid is not None and grid < 1:
         raise AtlasError(f"--grid must be a positive grid size, got {grid}")
     opened = [_open_run(run) for run in runs]
@@ -286,6 +358,8 @@ def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None
                 log(f"compare: {label}: the {k} nearest of {n_images} images by nearest-neighbour descent in "
                     f"{time.perf_counter() - t_knn:.0f} s; recall {found[-1].recall:.3f} on {found[-1].recall_rows} "
                     "images")
+    centroids = [_panel_centroids(run, layer, image_rows)
+                 for run, names, image_rows in zip(opened, picked, rows) for layer in names]
     if search:
         shared = shared_neighbor_matrix([f.index if f is not None else None for f in found])
     else:  # one panel shares all of its neighbours with itself
@@ -294,7 +368,10 @@ def compare_runs(runs: Sequence[str | Path], layers: Sequence[str] | None = None
     first = next((f for f in found if f is not None), None)
     result = Comparison(panels, size, neighbors, k, n_images, first.method if first else None,
                         [f.recall if f is not None else float("nan") for f in found],
-                        first.recall_rows if first else 0, shared, png, png.with_suffix(".json"))
+                        first.recall_rows if first else 0, shared, png, png.with_suffix(".json"),
+                        centroid_links(panels, centroids))
+    if follow:
+        result.followed, result.follow_xy = _follow(opened, rows, centroids, follow)
     _write_figure(result)
     _write_json(result, [str(run.store.root) for run in opened])
     for line in _table(result):
@@ -322,7 +399,16 @@ def _header(result: Comparison) -> list[str]:
                      f"its mean activation, over {n} images) that two panels share; chance {number(_chance(result))}")
         if result.knn_method == "nn-descent":
             lines.append(_approximate_note(result))
+    if result.followed:
+        lines.append(_follow_line(result))
     return lines
+
+
+def _follow_line(result: Comparison) -> str:
+    aligned = all(p.aligned_to is not None for p in result.panels)
+    how = "aligned layouts (layout.align)" if aligned else "layouts laid out independently (layout.align = false)"
+    return (f"markers 1-{len(result.followed)}: where {len(result.followed)} images' samples lie on average on each "
+            f"map ({how}): {', '.join(f'{k + 1} {Path(p).name}' for k, p in enumerate(result.followed))}")
 
 
 def _approximate_note(result: Comparison) -> str:
@@ -337,7 +423,8 @@ def _write_figure(result: Comparison) -> None:
         with Image.open(panel.image) as im:
             images.append(np.asarray(im.convert("RGB")))
     figure = compose_figure(_header(result), [p.label for p in result.panels], images,
-                            [panel_caption(p) for p in result.panels], _links(result))
+                            [panel_caption(p) for p in result.panels], _links(result),
+                            result.centroids, result.follow_xy or None)
     try:
         write_image(figure, result.png)
     except ValueError as exc:
@@ -350,8 +437,9 @@ def _finite_or_none(value: float) -> float | None:
 
 def _write_json(result: Comparison, runs: Sequence[str]) -> None:
     labels = [p.label for p in result.panels]
-    panels = [{**dataclasses.asdict(p), "trustworthiness": _finite_or_none(p.trustworthiness),
-               "mean_top_class_share": _finite_or_none(p.mean_top_class_share)} for p in result.panels]
+    floats = ("trustworthiness", "mean_top_class_share", "centroid_distance_independent")
+    panels = [{**dataclasses.asdict(p), **{key: _finite_or_none(getattr(p, key)) for key in floats}}
+              for p in result.panels]
     info = {
         "runs": runs, "grid": result.grid, "neighbors": result.neighbors, "neighbors_used": result.neighbors_used,
         "images": result.images, "chance": _finite_or_none(_chance(result)), "panels": panels,
@@ -360,8 +448,13 @@ def _write_json(result: Comparison, runs: Sequence[str]) -> None:
                 "recall": [_finite_or_none(v) for v in result.knn_recall]},  # per panel, in panel order
         "shared_neighbors": {"labels": labels,
                              "matrix": [[_finite_or_none(v) for v in row] for row in result.shared]},
-        "consecutive": [{"from": labels[i], "to": labels[i + 1], "fraction": _finite_or_none(v)}
-                        for i, v in enumerate(_links(result))],
+        "consecutive": [{"from": labels[i], "to": labels[i + 1], "fraction": _finite_or_none(v),
+                         "centroid_distance": _finite_or_none(d.distance),
+                         "centroid_distance_chance": _finite_or_none(d.chance),
+                         "centroid_distance_unaligned": _finite_or_none(d.unaligned)}
+                        for i, (v, d) in enumerate(zip(_links(result), result.centroids))],
+        "followed": [{"image": path, "xy": [[_finite_or_none(v) for v in xy[k]] for xy in result.follow_xy]}
+                     for k, path in enumerate(result.followed)],  # xy per panel, in panel order
         "png": str(result.png),
     }
     write_json(info, result.json)
@@ -382,10 +475,14 @@ def _table(result: Comparison) -> list[str]:
     if links:
         lines.append(f"shared neighbours ({result.neighbors_used} nearest of {result.images} images; "
                      f"chance {number(_chance(result))}):")
-        lines += [f"  {a.label} -> {b.label}: {number(v)}"
-                  for a, b, v in zip(result.panels, result.panels[1:], links)]
+        for a, b, v, d in zip(result.panels, result.panels[1:], links, result.centroids):
+            apart = f"; image centroids {number(d.distance)} apart (chance {number(d.chance)}"
+            apart += f", {number(d.unaligned)} before alignment)" if math.isfinite(d.unaligned) else ")"
+            lines.append(f"  {a.label} -> {b.label}: {number(v)}{apart}")
         if result.knn_method == "nn-descent":
             lines.append(f"  ({_approximate_note(result)})")
+    if result.followed:
+        lines.append(_follow_line(result))
     return lines
 
 

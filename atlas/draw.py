@@ -254,8 +254,15 @@ def compose_panel(header: Sequence[str], icon: np.ndarray | None, tiles: Sequenc
 # Markers
 
 
+def layout_pixels(xy: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Pixel positions (x, y down) on a picture of a whole map, shape (H, W, ...), of layout
+    positions in [0, 1] (y up), as the mosaic lays out grid cells."""
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    return np.column_stack([xy[:, 0] * shape[1], (1 - xy[:, 1]) * shape[0]])
+
+
 def draw_markers(canvas: np.ndarray, points: np.ndarray, radius: int | None = None,
-                 fill: tuple[int, int, int] = (230, 20, 60)) -> np.ndarray:
+                 fill: tuple[int, int, int] = (230, 20, 60), labels: Sequence[str] | None = None) -> np.ndarray:
     """Round markers (filled, white ring) at pixel positions on a copy of an RGB picture.
 
     Args:
@@ -263,6 +270,7 @@ def draw_markers(canvas: np.ndarray, points: np.ndarray, radius: int | None = No
         points: (n, 2) float (x, y) pixel positions, y downwards.
         radius: marker radius in pixels; default about 1/120 of the picture's side, at least 3.
         fill: the markers' colour.
+        labels: n short texts written in white inside the markers (None: none).
 
     Returns:
         (H, W, 3) uint8, the picture with the markers.
@@ -270,6 +278,9 @@ def draw_markers(canvas: np.ndarray, points: np.ndarray, radius: int | None = No
     image = Image.fromarray(np.asarray(canvas, np.uint8)).convert("RGB")
     r = radius or max(3, round(max(image.size) / 120))
     pen = ImageDraw.Draw(image)
-    for x, y in np.asarray(points, np.float64).reshape(-1, 2):
+    face = font(max(8, round(1.4 * r))) if labels is not None else None
+    for k, (x, y) in enumerate(np.asarray(points, np.float64).reshape(-1, 2)):
         pen.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline=(255, 255, 255), width=max(1, r // 3))
+        if labels is not None:
+            pen.text((x, y), labels[k], fill=(255, 255, 255), font=face, anchor="mm")
     return np.asarray(image)

@@ -1,5 +1,6 @@
 """`atlas compare` on toy runs: exact figures from the pure cores, the figure and its JSON, one-line errors."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,8 +15,9 @@ from atlas import blocks
 from atlas import compare as compare_mod
 from atlas import grid as grid_mod
 from atlas.cli import build_parser
-from atlas.compare import _common_images, _Opened, compare_runs, mean_or_nan, sample_top_classes, top_class_shares
-from atlas.compare_figure import GUTTER_PX, MARGIN, PANEL_PX, compose_figure, figure_boxes
+from atlas.compare import _common_images, _Opened, centroid_links, compare_runs, farthest_points, mean_or_nan, \
+    sample_top_classes, top_class_shares
+from atlas.compare_figure import FOLLOW_COLOURS, GUTTER_PX, MARGIN, PANEL_PX, PanelFigures, compose_figure, figure_boxes
 from atlas.config import save_config
 from atlas.errors import AtlasError
 from atlas.focus import MapSpec, class_scores
@@ -278,14 +280,67 @@ def test_compare_one_run(toy_run, tmp_path, capsys):
     assert p1["trustworthiness"] == pytest.approx(0.9) and p2["trustworthiness"] is None
     assert p1["mean_top_class_share"] == 0.9375 and p2["mean_top_class_share"] == 1.0  # (18/24 + 3) / 4
     assert info["shared_neighbors"]["matrix"] == [[1.0, 1.0], [1.0, 1.0]]  # doubled acts: same neighbours
-    assert info["consecutive"] == [{"from": "blocks.1", "to": "blocks.2", "fraction": 1.0}]
+    # Each image's samples sit in one corner on both maps: its centroid does not move, and two
+    # shuffled images are mostly in different corners. The toy layouts are not aligned.
+    (link,) = info["consecutive"]
+    assert (link["from"], link["to"], link["fraction"], link["centroid_distance"]) == ("blocks.1", "blocks.2", 1.0, 0.0)
+    assert link["centroid_distance_chance"] > 0.5 and link["centroid_distance_unaligned"] is None
+    followed = info["followed"]
+    assert len(followed) == 4  # the default: one image in each corner, the same place on both panels
+    corners = {tuple(round(v) for v in f["xy"][0]) for f in followed}
+    assert corners == {(0, 0), (1, 0), (0, 1), (1, 1)} and all(f["xy"][0] == f["xy"][1] for f in followed)
     assert info["knn"] == {"method": "exact", "exact_max_images": 50_000, "seed": 0, "recall_rows": 12,
                            "recall": [1.0, 1.0]}
     assert result.shared.shape == (2, 2)
     assert _panel_colour(out, 2, 0) == RED and _panel_colour(out, 2, 1) == BLUE
+    for k, f in enumerate(followed):  # marker k + 1 drawn in its colour where the image lies
+        for panel in (0, 1):
+            x, y = _panel_point(out, 2, panel, f["xy"][panel])
+            figure = np.asarray(Image.open(out).convert("RGB"))
+            assert tuple(int(v) for v in figure[y, x - 7]) == FOLLOW_COLOURS[k]
     text = capsys.readouterr().out
-    assert "blocks.1 -> blocks.2: 1.000" in text and f"wrote {out} and c.json" in text
+    assert "blocks.1 -> blocks.2: 1.000; image centroids 0.000 apart (chance" in text
+    assert f"wrote {out} and c.json" in text and "markers 1-4" in text
     assert "0.938" in text and "not" not in text.splitlines()[1]
+
+
+def _panel_point(png, n_panels, k, xy):
+    """The figure pixel (x, y) of a layout position on panel k."""
+    figure = np.asarray(Image.open(png).convert("RGB"))
+    lines = next(h for h in (1, 2, 3, 4) if figure_boxes(n_panels, h)[0] == figure.shape[:2])
+    left, top, right, bottom = figure_boxes(n_panels, lines)[1][k]
+    return round(left + xy[0] * PANEL_PX), round(top + (1 - xy[1]) * PANEL_PX)
+
+
+def test_follow_option(toy_run, tmp_path):
+    none = compare_runs([toy_run], out=tmp_path / "f0.png", follow=0, log=lambda s: None)
+    assert none.followed == [] and json.loads((tmp_path / "f0.json").read_text())["followed"] == []
+    two = compare_runs([toy_run], out=tmp_path / "f2.png", follow=2, log=lambda s: None)
+    assert len(two.followed) == 2 and len(set(two.followed)) == 2
+    (a, b) = two.follow_xy[0]
+    assert np.linalg.norm(a - b) > 1.2  # spread: opposite corners
+    with pytest.raises(AtlasError, match="--follow must be between 0 and 8"):
+        compare_runs([toy_run], out=tmp_path / "f9.png", follow=9, log=lambda s: None)
+
+
+def test_farthest_points_spread_and_skip_nan():
+    xy = np.array([[0.5, 0.5], [0.0, 0.0], [np.nan, 0.2], [1.0, 1.0], [0.1, 0.0], [1.0, 0.0]])
+    picked = farthest_points(xy, 3)
+    assert set(picked.tolist()) == {1, 3, 5} and 2 not in farthest_points(xy, 5)
+    assert len(farthest_points(xy, 10)) == 5 and len(farthest_points(np.full((3, 2), np.nan), 2)) == 0
+
+
+def test_centroid_links_chance_and_alignment():
+    rng = np.random.default_rng(0)
+    a = rng.random((200, 2))
+    panels = [PanelFigures("r", "l1", "l1", "x.png", "icons", 4, None, 10, 4, 4, 10, 0.9, 0.5, aligned_to=""),
+              PanelFigures("r", "l2", "l2", "y.png", "icons", 4, None, 10, 4, 4, 10, 0.9, 0.5, previous_layer="l1",
+                           aligned_to="l1", centroid_distance_independent=0.4)]
+    same, moved = centroid_links(panels, [a, a + 0.01])[0], centroid_links(panels, [a, rng.random((200, 2))])[0]
+    assert same.distance == pytest.approx(np.sqrt(2) * 0.01) and same.chance > 0.3 and same.unaligned == 0.4
+    assert moved.distance == pytest.approx(moved.chance, rel=0.2)  # unrelated maps: at chance
+    independent = [panels[0], dataclasses.replace(panels[1], aligned_to=None)]
+    assert np.isnan(centroid_links(independent, [a, a])[0].unaligned)
 
 
 def test_default_grid_and_out(toy_run):
