@@ -407,9 +407,11 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
         if unknown:  # said now rather than after the layouts and grids are made
             raise AtlasError(f"render.sizes_for names {unknown[0]!r}, which is not a map of this run; its maps are "
                              f"{', '.join(m.name for m in specs)}")
+        progress = _progress(len(specs))
         for name in config.layers:
             samples = acts.layer(name)
             t_layer = time.perf_counter()
+            progress.set_postfix_str(name)
             try:
                 fit = fit_layout(samples.acts, **options)
             except AtlasError as exc:
@@ -417,9 +419,11 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
             fit.info["aligned"] = False
             maps[name] = MapLayout(fit.xy, fit.info, None, kept_for_placing(fit))
             log(_layer_line(name, fit.info, time.perf_counter() - t_layer))
+            progress.update(1)
             focus = [m for m in specs if m.layer == name and m.kind != "layer"]
             if focus:
-                maps.update(layout_focus_maps(samples, focus, options, cfg.class_top, log))
+                maps.update(layout_focus_maps(samples, focus, options, cfg.class_top, log, progress))
+        progress.close()
         if len(config.layers) > 1:
             align_layer_maps(acts, config.layers, maps, options, cfg.align, log)
         acts_fp = acts.fingerprint
@@ -434,8 +438,15 @@ def run(config: Config, *, force: bool = False, log: Callable[[str], None] = pri
                          {k: v.info["trustworthiness"] for k, v in maps.items()}, seconds)
 
 
+def _progress(total: int):
+    """A progress bar over the maps on a terminal: done/total, rate and time left (layout runs on one process)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="map", desc="layout", disable=None, dynamic_ncols=True)
+
+
 def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: dict[str, Any], class_top: int,
-                      log: Callable[[str], None]) -> dict[str, MapLayout]:
+                      log: Callable[[str], None], progress: Any = None) -> dict[str, MapLayout]:
     """Lays out one layer's class atlases and two-class views (see atlas.focus).
 
     Args:
@@ -443,6 +454,7 @@ def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: 
         specs: the layer's focus maps.
         options: `layout_2d`'s keyword arguments.
         class_top: samples most attributed to a class added to its map (`layout.class_top`).
+        progress: a tqdm bar advanced by one per map (None: none).
     """
     layer = specs[0].layer
     if samples.attr is None:
@@ -454,6 +466,8 @@ def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: 
     out = {}
     for m in specs:
         t_map = time.perf_counter()
+        if progress is not None:
+            progress.set_postfix_str(m.name)
         rows = selected[m.classes[0]] if m.kind == "class" else np.union1d(*(selected[c] for c in m.classes))
         # what decides whether a new sample belongs to the map (atlas.place): per class, the
         # attribution that got a sample in for being among the most attributed
@@ -476,6 +490,8 @@ def layout_focus_maps(samples: LayerSamples, specs: Sequence[MapSpec], options: 
                     class_top=class_top, class_threshold=np.array(thresholds), aligned=False)
         out[m.name] = MapLayout(xy, info, rows, kept_for_placing(fit, rows))
         log(_layer_line(m.name, info, time.perf_counter() - t_map))
+        if progress is not None:
+            progress.update(1)
     return out
 
 

@@ -232,6 +232,32 @@ def test_run_writes_layout_h5_skips_when_up_to_date_and_redoes_on_change(tmp_pat
     assert file_attrs(path)["inputs"] == "recollected"
 
 
+class _Bar:
+    """Records what a stage tells its progress bar."""
+
+    def __init__(self, total):
+        self.total, self.n, self.names, self.closed = total, 0, [], False
+
+    def set_postfix_str(self, text):
+        self.names.append(text)
+
+    def update(self, n):
+        self.n += n
+
+    def close(self):
+        self.closed = True
+
+
+def test_run_shows_progress_per_map(tmp_path, monkeypatch):
+    acts, _ = toy_clusters(120, 8, 3)
+    write_activations(tmp_path, {"blocks.1": acts, "blocks.2": acts[:, :4]})
+    bars = []
+    monkeypatch.setattr(layout_mod, "_progress", lambda total: bars.append(_Bar(total)) or bars[-1])
+    run(toy_config(tmp_path, layers=("blocks.1", "blocks.2"), layout={"n_neighbors": 10}), log=lambda _: None)
+    (bar,) = bars
+    assert (bar.total, bar.n, bar.names, bar.closed) == (2, 2, ["blocks.1", "blocks.2"], True)
+
+
 def test_run_errors_name_the_missing_input_or_the_layer(tmp_path):
     config = toy_config(tmp_path, layers=("blocks.1",))
     with pytest.raises(AtlasError, match="activations.h5 not found; run `atlas collect"):
